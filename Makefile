@@ -1,0 +1,46 @@
+# The two commands a newcomer needs: `make demo` (run it) and `make test` (test it).
+# Both create .venv and install what they need on a fresh machine.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+
+.DEFAULT_GOAL := help
+.PHONY: help demo test test-unit lint bench schemas clean
+
+help: ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(VENV)/.demo: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -e '.[demo]'
+	touch $@
+
+$(VENV)/.dev: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -e '.[dev,train]'
+	touch $@ $(VENV)/.demo
+
+demo: $(VENV)/.demo ## run the worker on an embedded broker with demo traffic, print a summary
+	$(VENV)/bin/classify-worker demo
+
+test: $(VENV)/.dev ## the whole suite: unit, integration (real broker), model checks
+	$(PY) -m pytest
+
+test-unit: $(VENV)/.dev ## unit tests only (no broker)
+	$(PY) -m pytest -m "not integration"
+
+lint: $(VENV)/.dev ## ruff + mypy (strict on worker/)
+	$(VENV)/bin/ruff check worker tests bench
+	$(VENV)/bin/ruff format --check worker tests bench
+	$(VENV)/bin/mypy
+
+bench: $(VENV)/.dev ## benchmarks; results in bench/results/
+	$(VENV)/bin/classify-worker bench
+
+schemas: $(VENV)/.dev ## regenerate schemas/ from worker/messages.py
+	$(PY) -m worker.messages schemas
+
+clean: ## remove the virtual environment and caches
+	rm -rf $(VENV) .pytest_cache .hypothesis .mypy_cache .ruff_cache

@@ -1,0 +1,95 @@
+"""The confluent engine against a real broker: the mixed stream in both delivery modes, and
+two workers sharing one group."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from tests.support import scenario
+from tests.support.kafka import TopicSet, drain, produce, start_worker, wait_for_log
+
+pytestmark = pytest.mark.integration
+CATEGORIES = ["banking", "travel", "weather"]
+PARTITIONS = 6
+
+
+def _env(topics: TopicSet, bootstrap: str, bundle: Path, instance: str, delivery: str) -> dict[str, str]:
+    return {
+        **topics.env(bootstrap),
+        "CW_MODEL__PATH": str(bundle),
+        "CW_KAFKA__INSTANCE_ID": instance,
+        "CW_DELIVERY": delivery,
+        "CW_LIMITS__MAX_INPUT_BYTES": str(scenario.MAX_INPUT_BYTES),
+        "CW_TOPICS__PARTITIONS": str(PARTITIONS),
+        "CW_METRICS__PORT": "0",
+    }
+
+
+def _create_input(bootstrap: str, topic: str) -> None:
+    admin = AdminClient({"bootstrap.servers": bootstrap})  # must outlive the futures
+    for f in admin.create_topics([NewTopic(topic, PARTITIONS, 1)]).values():
+        f.result(30)
+
+
+def _processed(log: Path) -> int:
+    for line in reversed(log.read_text().splitlines()):
+        if '"worker stopped"' in line:
+            return int(json.loads(line)["processed"])
+    raise AssertionError(f"worker did not stop cleanly:\n{log.read_text()[-3000:]}")
+
+
+@pytest.mark.parametrize("delivery", ["exactly_once", "at_least_once"])
+def test_mixed_stream_is_routed_and_dead_lettered(
+    kafka_bootstrap: str, tiny_bundle: Path, tmp_path: Path, delivery: str
+) -> None:
+    # Given 1,000 messages, 50 of them malformed in 14 different ways, already in the input topic
+    topics = TopicSet.fresh()
+    _create_input(kafka_bootstrap, topics.input)
+    messages, expected = scenario.build(1000)
+    produce(kafka_bootstrap, topics.input, messages)
+
+    # When one worker runs until the stream is idle
+    log = tmp_path / "worker.log"
+    worker = start_worker(_env(topics, kafka_bootstrap, tiny_bundle, "w1", delivery), log, "--idle-exit", "4")
+    assert worker.wait(120) == 0, log.read_text()[-3000:]
+
+    # Then every id is on its expected topic exactly once, with key, headers and reason intact
+    received = drain(kafka_bootstrap, topics.outputs(CATEGORIES), expect=len(expected))
+    scenario.check(received, expected, topics.prefix, topics.dlq, exactly_once=delivery == "exactly_once")
+    assert _processed(log) == 1000
+
+
+def test_two_workers_split_the_partitions_and_deliver_exactly_once(
+    kafka_bootstrap: str, tiny_bundle: Path, tmp_path: Path
+) -> None:
+    # Given two workers in one group, both holding partitions
+    topics = TopicSet.fresh()
+    _create_input(kafka_bootstrap, topics.input)
+    logs = [tmp_path / "w1.log", tmp_path / "w2.log"]
+    workers = [
+        start_worker(_env(topics, kafka_bootstrap, tiny_bundle, f"w{i}", "exactly_once"), logs[i], "--idle-exit", "8")
+        for i in range(2)
+    ]
+    try:
+        for log in logs:
+            wait_for_log(log, "partitions assigned")
+        wait_for_log(logs[0], "worker starting")
+        # When 1,000 messages arrive
+        messages, expected = scenario.build(1000)
+        produce(kafka_bootstrap, topics.input, messages)
+        for w, log in zip(workers, logs, strict=True):
+            assert w.wait(120) == 0, log.read_text()[-3000:]
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.kill()
+
+    # Then both did part of the work, and every id arrived exactly once
+    counts = [_processed(log) for log in logs]
+    assert sum(counts) == 1000 and min(counts) > 0, f"work split {counts}"
+    received = drain(kafka_bootstrap, topics.outputs(CATEGORIES), expect=len(expected))
+    scenario.check(received, expected, topics.prefix, topics.dlq)

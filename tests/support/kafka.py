@@ -1,0 +1,126 @@
+"""Broker helpers for integration tests: unique names, producing, draining with read_committed."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
+
+
+@dataclass(frozen=True)
+class Received:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: dict[str, bytes | None]
+
+
+@dataclass(frozen=True)
+class TopicSet:
+    """Per-test topic and group names, so tests never see each other's data."""
+
+    input: str
+    prefix: str
+    fallback: str
+    dlq: str
+    group: str
+
+    @classmethod
+    def fresh(cls) -> TopicSet:
+        tag = uuid.uuid4().hex[:10]
+        return cls(f"in-{tag}", f"routed-{tag}.", f"routed-{tag}.fallback", f"dlq-{tag}", f"group-{tag}")
+
+    def env(self, bootstrap: str) -> dict[str, str]:
+        return {
+            "CW_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
+            "CW_KAFKA__GROUP_ID": self.group,
+            "CW_TOPICS__INPUT": self.input,
+            "CW_TOPICS__PREFIX": self.prefix,
+            "CW_TOPICS__FALLBACK": self.fallback,
+            "CW_TOPICS__DLQ": self.dlq,
+            "CW_KAFKA__SESSION_TIMEOUT_MS": "6000",
+        }
+
+    def outputs(self, categories: Iterable[str]) -> list[str]:
+        return [self.prefix + c for c in categories] + [self.fallback, self.dlq]
+
+
+def produce(
+    bootstrap: str, topic: str, messages: Iterable[tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]]
+) -> int:
+    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "enable.idempotence": True})
+    n = 0
+    for key, value, headers in messages:
+        p.produce(topic, value=value, key=key, headers=headers)
+        n += 1
+        if n % 1000 == 0:
+            p.poll(0)
+    assert p.flush(30) == 0, "producer did not deliver every test message"
+    return n
+
+
+def drain(
+    bootstrap: str, topics: list[str], expect: int, timeout_s: float = 60.0, quiet_s: float = 2.0
+) -> list[Received]:
+    """Read every partition of `topics` from the start with read_committed until `expect`
+    messages have arrived, then for `quiet_s` more so duplicates and strays show up too."""
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    meta = admin.list_topics(timeout=10).topics
+    tps = [TopicPartition(t, p, 0) for t in topics if t in meta for p in meta[t].partitions]
+    c = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"reader-{uuid.uuid4().hex[:8]}",
+            "isolation.level": "read_committed",
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+        }
+    )
+    c.assign(tps)
+    out: list[Received] = []
+    deadline = time.monotonic() + timeout_s
+    quiet_until: float | None = None
+    try:
+        while time.monotonic() < deadline:
+            if len(out) >= expect:
+                quiet_until = quiet_until or time.monotonic() + quiet_s
+                if time.monotonic() > quiet_until:
+                    break
+            for m in c.consume(500, 0.2):
+                if m.error():
+                    if m.error().code() != KafkaError._PARTITION_EOF:
+                        raise AssertionError(f"reader error: {m.error()}")
+                    continue
+                out.append(Received(m.topic(), m.partition(), m.offset(), m.key(), m.value(), dict(m.headers() or [])))
+    finally:
+        c.close()
+    return out
+
+
+def start_worker(env: dict[str, str], log_path: Path, *args: str) -> subprocess.Popen[bytes]:
+    """`classify-worker run` as a real subprocess (so tests can kill -9 it)."""
+    full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "worker.cli", "run", *args], env=full_env, stdout=log, stderr=subprocess.STDOUT
+        )
+
+
+def wait_for_log(log_path: Path, needle: str, timeout_s: float = 60.0, count: int = 1) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if log_path.exists() and log_path.read_text(errors="replace").count(needle) >= count:
+            return
+        time.sleep(0.1)
+    tail = log_path.read_text(errors="replace")[-3000:]
+    raise AssertionError(f"{needle!r} not seen {count}x in {log_path} within {timeout_s}s:\n{tail}")

@@ -1,0 +1,116 @@
+"""A tiny, deterministic model bundle built in tests: a bag-of-words linear ONNX graph and a
+WordLevel tokenizer, so unit and engine tests need neither torch nor the shipped model.
+
+Each keyword votes for one label; any other word votes weakly for the out-of-scope label.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+KEYWORDS: dict[str, str] = {
+    "balance": "balance",
+    "account": "balance",
+    "transfer": "transfer",
+    "wire": "transfer",
+    "flight": "flight",
+    "plane": "flight",
+    "hotel": "hotel",
+    "room": "hotel",
+    "weather": "weather",
+    "rain": "weather",
+}
+LABELS = ("balance", "flight", "hotel", "oos", "transfer", "weather")
+CATEGORIES = {"balance": "banking", "transfer": "banking", "flight": "travel", "hotel": "travel", "weather": "weather"}
+#: Logit each keyword adds to its label; unknown words add UNKNOWN_WEIGHT to `oos`.
+KEYWORD_WEIGHT = 6.0
+UNKNOWN_WEIGHT = 0.7
+SPECIALS = ("[UNK]", "[CLS]", "[SEP]", "[PAD]")
+
+
+def build_tokenizer(padding_to: int | None = None) -> Tokenizer:
+    vocab = {tok: i for i, tok in enumerate(SPECIALS)}
+    for word in KEYWORDS:
+        vocab[word] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 1), ("[SEP]", 2)]
+    )
+    if padding_to:  # what a transformers-saved tokenizer.json often carries
+        tok.enable_padding(length=padding_to, pad_id=3, pad_token="[PAD]")
+    return tok
+
+
+def build_weights(tok: Tokenizer) -> np.ndarray:
+    vocab = tok.get_vocab()
+    weights = np.zeros((len(vocab), len(LABELS)), dtype=np.float32)
+    weights[vocab["[UNK]"], LABELS.index("oos")] = UNKNOWN_WEIGHT
+    for word, label in KEYWORDS.items():
+        weights[vocab[word], LABELS.index(label)] = KEYWORD_WEIGHT
+    return weights
+
+
+def build_graph(weights: np.ndarray, n_outputs: int | None = None) -> onnx.ModelProto:
+    """logits[b, c] = sum_t mask[b, t] * W[ids[b, t], c]"""
+    if n_outputs is not None:
+        weights = weights[:, :n_outputs]
+    nodes = [
+        helper.make_node("Gather", ["W", "input_ids"], ["emb"]),
+        helper.make_node("Cast", ["attention_mask"], ["maskf"], to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["maskf", "axis2"], ["mask3"]),
+        helper.make_node("Mul", ["emb", "mask3"], ["masked"]),
+        helper.make_node("ReduceSum", ["masked", "axis1"], ["logits"], keepdims=0),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tiny-bow",
+        [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
+            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "sequence"]),
+        ],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", weights.shape[1]])],
+        initializer=[
+            numpy_helper.from_array(weights, "W"),
+            numpy_helper.from_array(np.array([2], dtype=np.int64), "axis2"),
+            numpy_helper.from_array(np.array([1], dtype=np.int64), "axis1"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def build_bundle(
+    directory: Path,
+    *,
+    threshold: float = 0.5,
+    max_length: int = 64,
+    routes: bool = True,
+    padding_to: int | None = None,
+    n_outputs: int | None = None,
+) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(padding_to)
+    tok.save(str(directory / "tokenizer.json"))
+    onnx.save(build_graph(build_weights(tok), n_outputs), str(directory / "model.onnx"))
+    config = {"name": "tiny-bow", "id2label": {str(i): lb for i, lb in enumerate(LABELS)}, "max_length": max_length}
+    (directory / "config.json").write_text(json.dumps(config))
+    if routes:
+        doc = {"categories": CATEGORIES, "threshold": threshold, "fallback_labels": ["oos"]}
+        (directory / "routes.json").write_text(json.dumps(doc))
+    return directory
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(build_bundle(Path(sys.argv[1])))

@@ -1,0 +1,106 @@
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.support.tiny_model import LABELS, build_bundle
+from worker.errors import ModelError
+from worker.model import Classifier, load_bundle
+
+
+@pytest.fixture
+def bundle_dir(tmp_path: Path) -> Path:
+    return build_bundle(tmp_path / "b")
+
+
+def test_bundle_reads_labels_routes_and_a_content_version(bundle_dir: Path) -> None:
+    b = load_bundle(bundle_dir)
+    assert b.labels == LABELS
+    assert b.routes.threshold == 0.5
+    assert b.routes.fallback_labels == {"oos"}
+    assert b.model_id == f"tiny-bow@{b.version}" and len(b.version) == 12
+    routes = json.loads((bundle_dir / "routes.json").read_text())
+    routes["threshold"] = 0.9
+    (bundle_dir / "routes.json").write_text(json.dumps(routes))
+    assert load_bundle(bundle_dir).version != b.version, "version must change when routing changes"
+
+
+def test_bundle_without_routes_json_loads_with_identity_routes(tmp_path: Path) -> None:
+    b = load_bundle(build_bundle(tmp_path / "b", routes=False))
+    assert b.routes.categories == {} and b.routes.threshold == 0.0
+
+
+@pytest.mark.parametrize(
+    ("breakage", "message"),
+    [
+        (lambda d: shutil.rmtree(d), "does not exist"),
+        (lambda d: (d / "model.onnx").unlink(), "model.onnx: missing"),
+        (lambda d: (d / "tokenizer.json").unlink(), "tokenizer.json: missing"),
+        (lambda d: (d / "config.json").unlink(), "config.json: missing"),
+        (lambda d: (d / "config.json").write_text("{not json"), "not valid JSON"),
+        (lambda d: (d / "config.json").write_text('{"id2label": {}}'), "non-empty 'id2label'"),
+        (lambda d: (d / "config.json").write_text('{"id2label": {"0": "a", "2": "b"}}'), "without gaps"),
+        (lambda d: (d / "routes.json").write_text('{"categories": {"nope": "x"}}'), "labels not in config.json"),
+        (lambda d: (d / "routes.json").write_text('{"threshold": 3}'), "'threshold' must be"),
+    ],
+)
+def test_broken_bundles_raise_model_error_naming_the_problem(bundle_dir: Path, breakage, message: str) -> None:
+    breakage(bundle_dir)
+    with pytest.raises(ModelError, match=message):
+        load_bundle(bundle_dir)
+
+
+def test_corrupt_onnx_is_a_model_error(bundle_dir: Path) -> None:
+    (bundle_dir / "model.onnx").write_bytes(b"\x00garbage")
+    with pytest.raises(ModelError, match="cannot load ONNX model"):
+        Classifier(load_bundle(bundle_dir))
+
+
+def test_corrupt_tokenizer_is_a_model_error(bundle_dir: Path) -> None:
+    (bundle_dir / "tokenizer.json").write_text("{}")
+    with pytest.raises(ModelError, match="cannot load tokenizer"):
+        Classifier(load_bundle(bundle_dir))
+
+
+def test_label_count_that_does_not_match_the_logits_is_a_model_error(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match=r"model has 4 outputs but config.json names 6 labels"):
+        Classifier(load_bundle(build_bundle(tmp_path / "b", n_outputs=4)))
+
+
+def test_predicts_keywords_with_top_k(bundle_dir: Path) -> None:
+    c = Classifier(load_bundle(bundle_dir), top_k=3)
+    preds = c.predict(["what is my account balance", "book a plane", "will it rain", "hello there"])
+    assert [p.label for p in preds] == ["balance", "flight", "weather", "oos"]
+    assert preds[0].score > 0.99
+    assert len(preds[0].top_k) == 3 and preds[0].top_k[0] == (preds[0].label, preds[0].score)
+    assert preds[0].top_k[1][1] <= preds[0].top_k[0][1]
+    assert c.predict([]) == []
+
+
+def test_padding_stored_in_tokenizer_json_is_ignored(tmp_path: Path) -> None:
+    texts = ["my balance", "hello", "flight hotel room plane wire"]
+    plain = Classifier(load_bundle(build_bundle(tmp_path / "plain"))).predict_proba(texts)
+    padded = Classifier(load_bundle(build_bundle(tmp_path / "padded", padding_to=48))).predict_proba(texts)
+    np.testing.assert_allclose(plain, padded, rtol=1e-6)
+
+
+def test_token_budget_sub_batching_does_not_change_results(bundle_dir: Path) -> None:
+    texts = [("balance " * (i % 9)) + "rain " * (i % 5) + "x" for i in range(100)]
+    whole = Classifier(load_bundle(bundle_dir), token_budget=100_000).predict_proba(texts)
+    split = Classifier(load_bundle(bundle_dir), token_budget=64).predict_proba(texts)
+    np.testing.assert_allclose(whole, split, rtol=1e-6)
+
+
+def test_long_documents_are_chunked_not_truncated(tmp_path: Path) -> None:
+    # max_length 8: 6 content tokens a chunk. The only keyword is far past the first chunk.
+    c = Classifier(load_bundle(build_bundle(tmp_path / "b", max_length=8)), stride=2)
+    doc = "the " * 40 + "weather weather weather"
+    pred = c.predict([doc, "the the weather"])
+    assert pred[0].label == "weather" or pred[0].top_k[1][0] == "weather", "tail of the document was ignored"
+    truncated = c.predict(["the " * 6])[0]
+    assert dict(pred[0].top_k)["weather"] > dict(truncated.top_k).get("weather", 0.0) + 0.05
+    assert pred[1].label == "weather"

@@ -1,0 +1,186 @@
+"""All settings in one frozen object, read from the environment (prefix `CW_`, nested with `__`)
+and an optional YAML file, in exactly one place: `load_settings`.
+
+The env names are a public contract (Helm values, compose files and users' manifests use them).
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+    YamlConfigSettingsSource,
+)
+
+from worker.errors import ConfigError
+
+LibrdkafkaValue = str | int | float | bool
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class KafkaSettings(_Section):
+    bootstrap_servers: str = "localhost:9092"
+    group_id: str = "classify-worker"
+    #: Passed through to librdkafka (SASL/TLS, tuning); JSON object in `CW_KAFKA__CONFIG`.
+    config: dict[str, LibrdkafkaValue] = Field(default_factory=dict)
+    #: SASL password kept out of logs and reprs; merged as `sasl.password`.
+    sasl_password: SecretStr | None = None
+    #: Stable per replica (pod name): the transactional id, so a restarted replica fences its
+    #: predecessor at once instead of leaving its transaction open until it times out.
+    instance_id: str = Field(default_factory=socket.gethostname, min_length=1)
+    #: librdkafka's 45 s default makes a crashed replica's partitions wait that long; 10 s is
+    #: still far above a healthy heartbeat interval (3 s).
+    session_timeout_ms: int = Field(default=10_000, ge=1000)
+    #: A transaction older than this is aborted by the broker; batches take milliseconds, so a
+    #: long-lived one means a stuck replica whose partitions should be released soon.
+    transaction_timeout_ms: int = Field(default=60_000, ge=1000)
+
+
+class TopicSettings(_Section):
+    input: str = "classify.in"
+    prefix: str = "routed."
+    fallback: str = "routed.fallback"
+    dlq: str = "classify.dlq"
+    partitions: int = Field(default=6, ge=1)
+    replication: int = Field(default=1, ge=1)
+    #: Create missing topics at start (idempotent); turn off where an operator owns topics.
+    auto_create: bool = True
+
+
+class BatchSettings(_Section):
+    max_items: int = Field(default=256, ge=1, le=100_000)
+    max_wait_ms: int = Field(default=20, ge=0, le=60_000)
+
+
+class LimitSettings(_Section):
+    #: Inbound values above this are dead-lettered as `too_large` before parsing.
+    max_input_bytes: int = Field(default=1_000_000, ge=16)
+    #: Kafka's default `max.message.bytes` (1 MiB less headroom); larger outputs are dead-lettered
+    #: instead of failing the whole transaction.
+    max_output_bytes: int = Field(default=1_000_000, ge=1024)
+
+
+class ModelSettings(_Section):
+    #: A bundle directory; None means the model shipped inside the package.
+    path: Path | None = None
+    #: Tokens per inference call; bounds memory and keeps padding waste low.
+    token_budget: int = Field(default=8192, ge=64)
+    top_k: int = Field(default=3, ge=1, le=50)
+    #: Overlap between chunks of a document longer than the model's max length.
+    stride: int = Field(default=32, ge=0)
+
+
+class RoutingSettings(_Section):
+    #: Below this score an item goes to the fallback topic; None = the bundle's own threshold.
+    threshold: float | None = Field(default=None, ge=0.0, le=1.0)
+
+
+class MetricsSettings(_Section):
+    port: int = Field(default=9108, ge=0, le=65535)
+    host: str = "0.0.0.0"  # noqa: S104 - a metrics endpoint must be reachable by the scraper
+    enabled: bool = True
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="CW_", env_nested_delimiter="__", frozen=True, extra="forbid", case_sensitive=False
+    )
+
+    kafka: KafkaSettings = KafkaSettings()
+    topics: TopicSettings = TopicSettings()
+    batch: BatchSettings = BatchSettings()
+    limits: LimitSettings = LimitSettings()
+    model: ModelSettings = ModelSettings()
+    routing: RoutingSettings = RoutingSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    delivery: Literal["exactly_once", "at_least_once"] = "exactly_once"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The environment wins over the file: a Helm value or `docker run -e` overrides a baked file.
+        return (init_settings, env_settings, YamlConfigSettingsSource(settings_cls))
+
+    def librdkafka_consumer(self) -> dict[str, LibrdkafkaValue]:
+        return {
+            **self._librdkafka_common(),
+            "auto.offset.reset": "earliest",
+            "session.timeout.ms": self.kafka.session_timeout_ms,
+            "partition.assignment.strategy": "cooperative-sticky",
+            "statistics.interval.ms": 0,
+            **self.kafka.config,
+            # must win: offsets are committed by us, after delivery, and only committed data is read
+            "group.id": self.kafka.group_id,
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "isolation.level": "read_committed",
+        }
+
+    def librdkafka_producer(self) -> dict[str, LibrdkafkaValue]:
+        exactly_once = self.delivery == "exactly_once"
+        return {
+            **self._librdkafka_common(),
+            "linger.ms": 5,
+            "compression.type": "lz4",
+            "transaction.timeout.ms": self.kafka.transaction_timeout_ms,
+            **self.kafka.config,
+            # must win: duplicates from producer retries would break both delivery modes
+            "enable.idempotence": True,
+            **({"transactional.id": self.transactional_id} if exactly_once else {}),
+        }
+
+    def librdkafka_admin(self) -> dict[str, LibrdkafkaValue]:
+        return {**self._librdkafka_common(), **self.kafka.config}
+
+    @property
+    def transactional_id(self) -> str:
+        return f"{self.kafka.group_id}-{self.kafka.instance_id}"
+
+    def _librdkafka_common(self) -> dict[str, LibrdkafkaValue]:
+        secret = self.kafka.sasl_password
+        return {
+            "bootstrap.servers": self.kafka.bootstrap_servers,
+            "client.id": f"classify-worker-{self.kafka.instance_id}",
+            **({"sasl.password": secret.get_secret_value()} if secret else {}),
+        }
+
+
+def load_settings(yaml_file: Path | None = None, **overrides: Any) -> Settings:
+    """The one place settings are read; raises `ConfigError` with a one-line summary."""
+    if yaml_file is not None and not yaml_file.is_file():
+        raise ConfigError(f"config file {yaml_file} does not exist")
+
+    class _FromFile(Settings):
+        model_config = SettingsConfigDict(yaml_file=yaml_file)
+
+    try:
+        return _FromFile(**overrides)
+    except ValidationError as e:
+        raise ConfigError(_summarize(e)) from e
+    except SettingsError as e:  # a nested value that is not valid JSON
+        raise ConfigError(f"invalid settings: {e} ({e.__cause__})") from e
+
+
+def _summarize(e: ValidationError) -> str:
+    parts = []
+    for err in e.errors():
+        loc = "__".join(str(x) for x in err["loc"]).upper()
+        parts.append(f"CW_{loc}: {err['msg']}")
+    return "invalid settings: " + "; ".join(parts)

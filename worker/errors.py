@@ -1,0 +1,43 @@
+"""One root exception, grouped by layer, so callers can catch exactly what they can handle.
+
+A `DecodeError` carries the reason code that ends up in the dead-letter `error.reason` header.
+"""
+
+from __future__ import annotations
+
+
+class WorkerError(Exception):
+    """Root of every error classify-worker raises on purpose."""
+
+
+class ConfigError(WorkerError):
+    """Settings are invalid; the CLI prints one line and exits 2."""
+
+
+class ModelError(WorkerError):
+    """A model bundle is missing, corrupt, or inconsistent with its labels."""
+
+
+class InferenceError(ModelError):
+    """The classifier failed on a whole batch (not on one bad message): retry, do not commit."""
+
+
+class DecodeError(WorkerError):
+    """One inbound message cannot be classified; it goes to the dead-letter topic."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+        self.message = message
+
+
+class DeliveryError(WorkerError):
+    """Outputs could not be delivered or offsets not committed; the batch is retried."""
+
+
+class FatalDeliveryError(DeliveryError):
+    """The producer is fenced or fatally broken: exit non-zero so the orchestrator restarts us."""
+
+
+class DataError(WorkerError):
+    """A training or evaluation data file cannot be read."""

@@ -1,0 +1,103 @@
+"""The message contracts: what producers write, what routed consumers read, what the DLQ carries.
+
+`schemas/*.schema.json` are generated from these models (`python -m worker.messages`); a test
+fails when they drift, so the published contract and the code cannot disagree.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+#: Header names are part of the contract: consumers filter on them without parsing values.
+ROUTE_HEADERS = ("route.category", "route.label", "route.score", "route.model")
+ERROR_REASON = "error.reason"
+ERROR_MESSAGE = "error.message"
+SOURCE_TOPIC = "source.topic"
+SOURCE_PARTITION = "source.partition"
+SOURCE_OFFSET = "source.offset"
+
+
+class Inbound(BaseModel):
+    """One query or document to classify; unknown fields are kept and passed through."""
+
+    model_config = ConfigDict(extra="allow", title="Inbound")
+
+    id: str | None = Field(default=None, description="Defaults to 'topic:partition:offset'.")
+    text: str = Field(description="The text to classify; must not be blank.")
+    kind: Literal["query", "document"] = "query"
+    meta: dict[str, Any] | None = None
+
+
+class ScoredLabel(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    label: str
+    score: float
+
+
+class Route(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    category: str = Field(description="Category of the top label, also when the item fell back.")
+    label: str
+    score: float = Field(ge=0.0, le=1.0)
+    top_k: list[ScoredLabel]
+    model: str = Field(description="Model name and content-hash version, e.g. 'clinc150-minilm@3f2a…'.")
+    fallback: bool
+    reason: Literal["low_confidence", "fallback_label"] | None = None
+
+
+class Routed(Inbound):
+    """What `routed.<category>` and the fallback topic carry: the inbound object plus `route`."""
+
+    model_config = ConfigDict(extra="allow", title="Routed")
+
+    id: str
+    route: Route
+
+
+DeadLetterReason = Literal[
+    "null_value", "too_large", "encoding", "invalid_json", "not_an_object", "schema", "empty_text"
+]
+
+
+class DeadLetterHeaders(BaseModel):
+    """Headers added to a dead-lettered message; its value, key and own headers are unchanged."""
+
+    model_config = ConfigDict(title="DeadLetterHeaders", populate_by_name=True)
+
+    reason: DeadLetterReason = Field(alias="error.reason")
+    message: str = Field(alias="error.message")
+    topic: str = Field(alias="source.topic")
+    partition: int = Field(alias="source.partition")
+    offset: int = Field(alias="source.offset")
+
+
+SCHEMAS: dict[str, type[BaseModel]] = {
+    "inbound": Inbound,
+    "routed": Routed,
+    "dead-letter-headers": DeadLetterHeaders,
+}
+
+
+def schema_documents() -> dict[str, str]:
+    """File name → JSON text, as committed under `schemas/`."""
+    return {
+        f"{name}.schema.json": json.dumps(model.model_json_schema(by_alias=True), indent=2, sort_keys=True) + "\n"
+        for name, model in SCHEMAS.items()
+    }
+
+
+def write_schemas(directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, text in schema_documents().items():
+        (directory / name).write_text(text, encoding="utf-8")
+
+
+if __name__ == "__main__":
+    write_schemas(Path(sys.argv[1] if len(sys.argv) > 1 else "schemas"))

@@ -1,0 +1,66 @@
+"""Label → category → topic, and the decision to fall back.
+
+A prediction falls back when its label is one the bundle marks as out-of-scope, or when its
+score is under the threshold (the settings' override, else the bundle's own).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from worker.config import Settings
+from worker.model.bundle import RouteTable
+from worker.model.classifier import Prediction
+
+#: Kafka's legal topic characters and length (`kafka.common.internals.Topic`).
+_ILLEGAL = re.compile(r"[^a-zA-Z0-9._-]")
+MAX_TOPIC_LENGTH = 249
+
+FallbackReason = Literal["low_confidence", "fallback_label"]
+
+
+def sanitize_topic_part(name: str) -> str:
+    """A category name made safe inside a topic name: illegal characters become '_'."""
+    cleaned = _ILLEGAL.sub("_", name.strip())
+    return cleaned or "_"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    topic: str
+    category: str
+    fallback: bool
+    reason: FallbackReason | None
+
+
+class Router:
+    def __init__(self, table: RouteTable, labels: tuple[str, ...], settings: Settings) -> None:
+        self.threshold = settings.routing.threshold if settings.routing.threshold is not None else table.threshold
+        self.fallback_topic = settings.topics.fallback
+        self._fallback_labels = table.fallback_labels
+        self._category = {label: table.categories.get(label, label) for label in labels}
+        self._topic = {
+            cat: (settings.topics.prefix + sanitize_topic_part(cat))[:MAX_TOPIC_LENGTH]
+            for cat in set(self._category.values())
+        }
+
+    def category_of(self, label: str) -> str:
+        return self._category.get(label, label)
+
+    def topics(self) -> list[str]:
+        """Every topic this router can send to (category topics of in-scope labels + fallback)."""
+        in_scope = {self._topic[self._category[lb]] for lb in self._category if lb not in self._fallback_labels}
+        return sorted(in_scope | {self.fallback_topic})
+
+    def categories(self) -> list[str]:
+        return sorted({c for lb, c in self._category.items() if lb not in self._fallback_labels})
+
+    def route(self, prediction: Prediction) -> Decision:
+        category = self.category_of(prediction.label)
+        if prediction.label in self._fallback_labels:
+            return Decision(self.fallback_topic, category, True, "fallback_label")
+        if prediction.score < self.threshold:
+            return Decision(self.fallback_topic, category, True, "low_confidence")
+        return Decision(self._topic[category], category, False, None)
