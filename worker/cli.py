@@ -5,6 +5,7 @@ Logging is configured here and nowhere else.
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import sys
@@ -12,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import orjson
 import typer
@@ -159,6 +160,123 @@ def topics(config: ConfigOpt = None) -> None:
         created = set(ensure_for(settings, router))
         for name in required_topics(settings, router):
             typer.echo(f"{'created' if name in created else 'exists '}  {name}")
+
+
+@app.command()
+def train(
+    data: Annotated[Path, typer.Option(help="CSV (text,label), JSONL ({text,label}) or CLINC150 json.")],
+    out: Annotated[Path, typer.Option(help="Bundle directory to write.")],
+    base: Annotated[Path | None, typer.Option(help="Base encoder directory (default: all-MiniLM-L6-v2).")] = None,
+    epochs: float = 8.0,
+    batch_size: int = 32,
+    lr: float = 1e-4,
+    label_smoothing: float = 0.1,
+    seed: int = 13,
+    categories: Annotated[Path | None, typer.Option(help="JSON: {label: category} or {category: [labels]}.")] = None,
+    fallback_label: Annotated[
+        list[str] | None, typer.Option(help="Label(s) routed to fallback (default: oos).")
+    ] = None,
+    oos_weight: Annotated[
+        float, typer.Option(help="Weight of out-of-scope examples when choosing the threshold.")
+    ] = 1.0,
+    name: Annotated[str | None, typer.Option(help="Model name in route.model (default: the out dir name).")] = None,
+    save_torch: Annotated[Path | None, typer.Option(help="Also save the PyTorch checkpoint here.")] = None,
+) -> None:
+    """Fine-tune, export to ONNX, quantize to int8, check parity, evaluate: a complete bundle. Needs [train]."""
+    with _errors():
+        from worker.observability import configure_logging
+
+        configure_logging("WARNING")  # onnxruntime's quantizer logs every tensor at INFO on the root logger
+        try:
+            from worker.train.build import train_bundle
+            from worker.train.finetune import FitConfig
+        except ImportError as e:
+            _fail(EXIT_CONFIG, f"training needs the [train] extra: pip install 'classify-worker[train]' ({e})")
+        cfg = FitConfig(epochs=epochs, batch_size=batch_size, lr=lr, label_smoothing=label_smoothing, seed=seed)
+        result = train_bundle(
+            data,
+            out,
+            base=base,
+            fit_cfg=cfg,
+            categories_file=categories,
+            fallback_labels=fallback_label,
+            oos_weight=oos_weight,
+            name=name,
+            save_torch=save_torch,
+        )
+        _print_metrics(result["test"], title=f"{result['model']} on held-out data")
+
+
+@app.command("eval")
+def evaluate_cmd(
+    data: Annotated[Path, typer.Option(help="CSV, JSONL or CLINC150 json; CLINC's test split is used.")],
+    model: Annotated[
+        Path | None, typer.Option(help="Bundle directory (default: CW_MODEL__PATH or the bundled model).")
+    ] = None,
+    split: Annotated[str, typer.Option(help="train, val or test (CLINC layout); plain files use all rows.")] = "test",
+    as_json: Annotated[bool, typer.Option("--json", help="Print metrics as JSON.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """In-scope accuracy, out-of-scope recall, routing accuracy, macro-F1, per-route P/R, items/s."""
+    with _errors():
+        settings = _settings(config)
+        from worker.model import Classifier, load_bundle
+        from worker.routing import Router
+        from worker.train import evaluate
+        from worker.train.data import load
+
+        splits = load(data)
+        examples = {"train": splits.train, "val": splits.val, "test": splits.test}.get(split) or (
+            splits.train + splits.val
+        )
+        bundle = load_bundle(model or settings.model.path)
+        router = Router(bundle.routes, bundle.labels, settings)
+        result = evaluate.metrics(evaluate.score(Classifier(bundle), router, examples), router.threshold)
+        result["model"] = bundle.model_id
+        if as_json:
+            typer.echo(json.dumps(result, indent=2))
+        else:
+            _print_metrics(result, title=f"{bundle.model_id} on {data.name} ({split})")
+
+
+def _print_metrics(result: dict[str, Any], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    def pct(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:.2%}"
+
+    summary = Table(title=title)
+    summary.add_column("metric")
+    summary.add_column("value", justify="right")
+    summary.add_row(
+        "examples (in scope / out of scope)", f"{result['examples']} ({result['in_scope']} / {result['out_of_scope']})"
+    )
+    summary.add_row("in-scope accuracy", pct(result["in_scope_accuracy"]))
+    summary.add_row("out-of-scope recall", pct(result["out_of_scope_recall"]))
+    summary.add_row("routing accuracy", pct(result["routing_accuracy"]))
+    summary.add_row("macro-F1", f"{result['macro_f1']:.4f}")
+    summary.add_row("threshold", f"{result['threshold']}")
+    summary.add_row("items/s", f"{result['items_per_s']:.0f}")
+    routes = Table(title="per route")
+    for col in ("route", "precision", "recall", "support"):
+        routes.add_column(col, justify="left" if col == "route" else "right")
+    for route, r in result["per_route"].items():
+        routes.add_row(route, pct(r["precision"]), pct(r["recall"]), str(r["support"]))
+    console = Console()
+    console.print(summary)
+    console.print(routes)
+
+
+@app.command()
+def demo() -> None:
+    """Run the worker on an embedded broker with sample traffic and print where everything went."""
+    with _errors():
+        from worker.demo import run_demo
+        from worker.observability import configure_logging
+
+        configure_logging("WARNING")
+        raise typer.Exit(run_demo())
 
 
 def main() -> None:

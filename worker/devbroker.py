@@ -13,6 +13,7 @@ import subprocess
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import ClassVar
 
 from worker.errors import WorkerError
 
@@ -42,6 +43,11 @@ def tansu_binary() -> str:
 
 class DevBroker:
     """`with DevBroker() as b: b.bootstrap` — started on enter, killed on exit."""
+
+    #: Client settings for this broker: Tansu holds a fetch for the whole `fetch.wait.max.ms`
+    #: (librdkafka default 500) even when data arrives, which Kafka does not; measured here:
+    #: demo p50 end-to-end 250 ms with the default, 62 ms with 10.
+    CLIENT_TUNING: ClassVar[dict[str, int]] = {"fetch.wait.max.ms": 10}
 
     def __init__(self, port: int | None = None, log_file: Path | None = None) -> None:
         self.port = port or free_port()

@@ -10,7 +10,8 @@ import pytest
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from tests.support import scenario
-from tests.support.kafka import TopicSet, drain, produce, start_worker, wait_for_log
+from tests.support.kafka import TopicSet, produce, start_worker, wait_for_log
+from worker.demo import read_outputs
 
 pytestmark = pytest.mark.integration
 CATEGORIES = ["banking", "travel", "weather"]
@@ -58,7 +59,7 @@ def test_mixed_stream_is_routed_and_dead_lettered(
     assert worker.wait(120) == 0, log.read_text()[-3000:]
 
     # Then every id is on its expected topic exactly once, with key, headers and reason intact
-    received = drain(kafka_bootstrap, topics.outputs(CATEGORIES), expect=len(expected))
+    received = read_outputs(kafka_bootstrap, topics.outputs(CATEGORIES), expect=len(expected))
     scenario.check(received, expected, topics.prefix, topics.dlq, exactly_once=delivery == "exactly_once")
     assert _processed(log) == 1000
 
@@ -91,5 +92,5 @@ def test_two_workers_split_the_partitions_and_deliver_exactly_once(
     # Then both did part of the work, and every id arrived exactly once
     counts = [_processed(log) for log in logs]
     assert sum(counts) == 1000 and min(counts) > 0, f"work split {counts}"
-    received = drain(kafka_bootstrap, topics.outputs(CATEGORIES), expect=len(expected))
+    received = read_outputs(kafka_bootstrap, topics.outputs(CATEGORIES), expect=len(expected))
     scenario.check(received, expected, topics.prefix, topics.dlq)

@@ -1,4 +1,6 @@
-"""Broker helpers for integration tests: unique names, producing, draining with read_committed."""
+"""Broker helpers for integration tests: unique names, producing, worker subprocesses.
+
+Reading outputs back uses `worker.demo.read_outputs`, the same read_committed reader the demo uses."""
 
 from __future__ import annotations
 
@@ -11,18 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient
-
-
-@dataclass(frozen=True)
-class Received:
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    headers: dict[str, bytes | None]
+from confluent_kafka import Producer
 
 
 @dataclass(frozen=True)
@@ -67,44 +58,6 @@ def produce(
             p.poll(0)
     assert p.flush(30) == 0, "producer did not deliver every test message"
     return n
-
-
-def drain(
-    bootstrap: str, topics: list[str], expect: int, timeout_s: float = 60.0, quiet_s: float = 2.0
-) -> list[Received]:
-    """Read every partition of `topics` from the start with read_committed until `expect`
-    messages have arrived, then for `quiet_s` more so duplicates and strays show up too."""
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    meta = admin.list_topics(timeout=10).topics
-    tps = [TopicPartition(t, p, 0) for t in topics if t in meta for p in meta[t].partitions]
-    c = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"reader-{uuid.uuid4().hex[:8]}",
-            "isolation.level": "read_committed",
-            "enable.auto.commit": False,
-            "auto.offset.reset": "earliest",
-        }
-    )
-    c.assign(tps)
-    out: list[Received] = []
-    deadline = time.monotonic() + timeout_s
-    quiet_until: float | None = None
-    try:
-        while time.monotonic() < deadline:
-            if len(out) >= expect:
-                quiet_until = quiet_until or time.monotonic() + quiet_s
-                if time.monotonic() > quiet_until:
-                    break
-            for m in c.consume(500, 0.2):
-                if m.error():
-                    if m.error().code() != KafkaError._PARTITION_EOF:
-                        raise AssertionError(f"reader error: {m.error()}")
-                    continue
-                out.append(Received(m.topic(), m.partition(), m.offset(), m.key(), m.value(), dict(m.headers() or [])))
-    finally:
-        c.close()
-    return out
 
 
 def start_worker(env: dict[str, str], log_path: Path, *args: str) -> subprocess.Popen[bytes]:

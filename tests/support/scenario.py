@@ -7,7 +7,7 @@ import json
 from collections import Counter
 from dataclasses import dataclass
 
-from tests.support.kafka import Received
+from worker.demo import Output
 
 #: Texts for the tiny model (tests/support/tiny_model.py) and the topic suffix each must reach.
 VALID = [
@@ -67,7 +67,7 @@ def build(
 
 
 def check(
-    received: list[Received], expected: dict[str, Expected], prefix: str, dlq: str, exactly_once: bool = True
+    received: list[Output], expected: dict[str, Expected], prefix: str, dlq: str, exactly_once: bool = True
 ) -> None:
     """Every id exactly once (or at least once) on its expected topic, with key, headers and
     reason intact, and nothing else anywhere. The message names what broke."""

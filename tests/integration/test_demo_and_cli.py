@@ -1,0 +1,54 @@
+"""The newcomer's path: `classify-worker demo` end to end, and the CLI's failure modes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def _cli(*args: str, env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "worker.cli", *args],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def test_demo_routes_every_message_exactly_once(tiny_bundle: Path, kafka_bootstrap: str) -> None:
+    result = _cli("demo", env={"CW_MODEL__PATH": str(tiny_bundle), "CW_KAFKA__BOOTSTRAP_SERVERS": kafka_bootstrap})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = result.stdout
+    assert "every message routed exactly once" in out
+    assert "284 (0 / 0)" in out and "2272 (0 / 0)" in out
+    for reason in ("empty_text=1", "encoding=1", "invalid_json=2", "not_an_object=1", "null_value=1", "schema=2"):
+        assert reason in out, f"demo summary lacks dead-letter count {reason}"
+
+
+def test_invalid_settings_exit_2_with_one_line() -> None:
+    result = _cli("run", env={"CW_BATCH__MAX_ITEMS": "lots"}, timeout=60)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "CW_BATCH__MAX_ITEMS" in lines[0], result.stderr
+
+
+def test_missing_model_exits_3_naming_the_path(tmp_path: Path) -> None:
+    result = _cli("classify", "hello", env={"CW_MODEL__PATH": str(tmp_path / "nope")}, timeout=60)
+    assert result.returncode == 3
+    assert str(tmp_path / "nope") in result.stderr
+
+
+def test_classify_prints_routed_json_lines(tiny_bundle: Path) -> None:
+    result = _cli("classify", "my balance", "", env={"CW_MODEL__PATH": str(tiny_bundle)}, timeout=60)
+    assert result.returncode == 0, result.stderr
+    first, second = result.stdout.splitlines()
+    assert '"category":"banking"' in first
+    assert '"error":"empty_text"' in second
