@@ -268,6 +268,24 @@ def _print_metrics(result: dict[str, Any], title: str) -> None:
     console.print(routes)
 
 
+@app.command("sample-traffic")
+def sample_traffic(
+    rate: Annotated[float, typer.Option(help="Messages per second.")] = 20.0,
+    count: Annotated[int, typer.Option(help="Messages to send; 0 = until stopped.")] = 0,
+    config: ConfigOpt = None,
+) -> None:
+    """Produce the demo's sample queries (and a few malformed messages) to CW_TOPICS__INPUT."""
+    with _errors():
+        settings = _settings(config)
+        from worker.demo_traffic import produce_forever
+
+        stop: list[bool] = []
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.append(True))
+        sent = produce_forever(settings, rate, count, should_stop=lambda: bool(stop))
+        log.info("sample traffic sent", extra={"messages": sent, "topic": settings.topics.input})
+
+
 @app.command()
 def demo() -> None:
     """Run the worker on an embedded broker with sample traffic and print where everything went."""

@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import json
 import random
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+
+from worker.config import Settings
 
 QUERIES: dict[str, list[str]] = {
     "banking": [
@@ -161,3 +165,29 @@ def messages() -> list[DemoMessage]:
     out += [DemoMessage(f"demo-bad-{i}".encode(), v, f"dlq:{reason}") for i, (v, reason) in enumerate(MALFORMED)]
     random.Random(7).shuffle(out)
     return out
+
+
+def produce_forever(settings: Settings, rate_per_s: float, count: int, should_stop: Callable[[], bool]) -> int:
+    """Cycle through the sample messages at a fixed rate (docker-compose's producer service)."""
+    from confluent_kafka import Producer
+
+    producer = Producer({**settings.librdkafka_admin(), "linger.ms": 5})
+    sample = messages()
+    sent = 0
+    start = time.monotonic()
+    while not should_stop() and (count == 0 or sent < count):
+        msg = sample[sent % len(sample)]
+        key = f"{msg.key.decode()}-{sent // len(sample)}".encode()
+        value = msg.value
+        if value is not None and not msg.expected.startswith("dlq:"):
+            body = json.loads(value)
+            body["id"] = key.decode()
+            value = json.dumps(body).encode()
+        producer.produce(settings.topics.input, key=key, value=value)
+        producer.poll(0)
+        sent += 1
+        delay = start + sent / rate_per_s - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+    producer.flush(10)
+    return sent

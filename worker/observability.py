@@ -160,8 +160,8 @@ class PrometheusHooks(Hooks):
             self.messages.labels(kind).inc(n)
             if kind == "dead_letter":
                 self.dead_letter.labels(detail).inc(n)
-            else:
-                self.routed.labels(detail).inc(n)
+            else:  # per output topic: a fallback item counts as "fallback", not its best guess
+                self.routed.labels("fallback" if kind == "fallback" else detail).inc(n)
 
     def on_batch_failed(self, stage: str) -> None:
         self.failures.labels(stage).inc()

@@ -4,14 +4,21 @@ two workers sharing one group."""
 from __future__ import annotations
 
 import json
+import signal
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
 from pathlib import Path
 
 import pytest
 from confluent_kafka.admin import AdminClient, NewTopic
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support import scenario
 from tests.support.kafka import TopicSet, produce, start_worker, wait_for_log
 from worker.demo import read_outputs
+from worker.devbroker import free_port
 
 pytestmark = pytest.mark.integration
 CATEGORIES = ["banking", "travel", "weather"]
@@ -94,3 +101,66 @@ def test_two_workers_split_the_partitions_and_deliver_exactly_once(
     assert sum(counts) == 1000 and min(counts) > 0, f"work split {counts}"
     received = read_outputs(kafka_bootstrap, topics.outputs(CATEGORIES), expect=len(expected))
     scenario.check(received, expected, topics.prefix, topics.dlq)
+
+
+def _scrape(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, ""
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            got = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            if sample.name == name and got == want:
+                return sample.value
+    return 0.0
+
+
+def test_metrics_count_what_was_routed_and_sigterm_stops_cleanly(
+    kafka_bootstrap: str, tiny_bundle: Path, tmp_path: Path
+) -> None:
+    # Given a running worker with its metrics server on a known port
+    topics = TopicSet.fresh()
+    _create_input(kafka_bootstrap, topics.input)
+    port = free_port()
+    env = {**_env(topics, kafka_bootstrap, tiny_bundle, "m1", "exactly_once"), "CW_METRICS__PORT": str(port)}
+    log = tmp_path / "worker.log"
+    worker = start_worker(env, log)
+    try:
+        wait_for_log(log, "partitions assigned")
+        # When 1,000 messages are routed
+        messages, expected = scenario.build(1000)
+        produce(kafka_bootstrap, topics.input, messages)
+        received = read_outputs(kafka_bootstrap, topics.outputs(CATEGORIES), expect=len(expected), quiet_s=0.5)
+        assert len(received) == 1000
+        # Then the counters equal what the outputs hold, and the worker is ready
+        status, text = _scrape(port, "/metrics")
+        assert status == 200
+        by_topic = Counter(r.topic for r in received)
+        assert _metric(text, "classify_messages_total", outcome="dead_letter") == by_topic[topics.dlq]
+        assert _metric(text, "classify_messages_total", outcome="fallback") == by_topic[topics.fallback]
+        assert _metric(text, "classify_messages_total", outcome="routed") == sum(
+            by_topic[topics.prefix + c] for c in CATEGORIES
+        )
+        for c in CATEGORIES:
+            assert _metric(text, "classify_routed_total", category=c) == by_topic[topics.prefix + c], c
+        assert _metric(text, "classify_routed_total", category="fallback") == by_topic[topics.fallback]
+        reasons = Counter(e.reason for e in expected.values() if e.reason)
+        for reason, n in reasons.items():
+            assert _metric(text, "classify_dead_letter_total", reason=reason) == n, reason
+        assert _metric(text, "classify_batch_size_count") >= 1
+        assert _metric(text, "classify_end_to_end_seconds_count") == 1000
+        assert _scrape(port, "/readyz")[0] == 200 and _scrape(port, "/healthz")[0] == 200
+        # And SIGTERM leaves the group and exits 0 within 10 s
+        started = time.monotonic()
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(10) == 0, log.read_text()[-2000:]
+        assert time.monotonic() - started < 10
+    finally:
+        if worker.poll() is None:
+            worker.kill()

@@ -1,0 +1,139 @@
+"""Deployment artifacts checked without Docker or a cluster: Helm values against their schema,
+template paths against values, compose and chart env names against Settings, dashboard queries
+against the metrics the code registers. `helm` and `docker compose` run too when present."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+from prometheus_client import CollectorRegistry
+
+from worker.config import Settings
+from worker.observability import PrometheusHooks
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "helm" / "classify-worker"
+
+
+def _setting_exists(env_name: str) -> bool:
+    """CW_KAFKA__GROUP_ID → Settings.kafka.group_id"""
+    model: type = Settings
+    parts = env_name.removeprefix("CW_").lower().split("__")
+    for i, part in enumerate(parts):
+        fields = getattr(model, "model_fields", {})
+        if part not in fields:
+            return False
+        annotation = fields[part].annotation
+        if i < len(parts) - 1:
+            model = annotation
+    return env_name.startswith("CW_")
+
+
+def _values() -> dict:
+    return yaml.safe_load((CHART / "values.yaml").read_text())
+
+
+def test_values_validate_against_the_schema() -> None:
+    jsonschema.validate(_values(), json.loads((CHART / "values.schema.json").read_text()))
+
+
+@pytest.mark.parametrize(
+    ("patch", "why"),
+    [
+        ({"delivery": "twice"}, "unknown delivery"),
+        ({"workload": "DaemonSet"}, "unknown workload"),
+        ({"autoscaling": {"hpa": {"enabled": True}, "keda": {"enabled": True}}}, "both autoscalers"),
+        ({"batch": {"maxItems": 0}}, "empty batches"),
+    ],
+)
+def test_schema_rejects_bad_values(patch: dict, why: str) -> None:
+    values = _values()
+    for key, value in patch.items():
+        if isinstance(value, dict) and key in values:
+            for sub, subvalue in value.items():
+                values[key][sub] = {**values[key].get(sub, {}), **subvalue} if isinstance(subvalue, dict) else subvalue
+        else:
+            values[key] = value
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(values, json.loads((CHART / "values.schema.json").read_text()))
+        pytest.fail(f"schema accepted {why}")
+
+
+def test_every_values_path_used_in_templates_exists() -> None:
+    values = _values()
+    missing = []
+    for template in (CHART / "templates").glob("*"):
+        for path in sorted(set(re.findall(r"\.Values((?:\.[A-Za-z_][A-Za-z0-9_]*)+)", template.read_text()))):
+            node = values
+            for part in path.strip(".").split("."):
+                if not isinstance(node, dict) or part not in node:
+                    missing.append(f"{template.name}: .Values{path}")
+                    break
+                node = node[part]
+    assert not missing, missing
+
+
+def test_chart_configmap_sets_only_real_settings() -> None:
+    names = re.findall(r"^\s+(CW_[A-Z_]+):", (CHART / "templates" / "configmap.yaml").read_text(), re.M)
+    names += re.findall(r"name: (CW_[A-Z_]+)", (CHART / "templates" / "workload.yaml").read_text())
+    assert len(names) > 15
+    assert [n for n in names if not _setting_exists(n)] == []
+
+
+def test_compose_parses_and_uses_only_real_settings() -> None:
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert {"kafka", "topic-init", "worker", "producer", "prometheus", "grafana"} <= set(services)
+    assert services["worker"]["deploy"]["replicas"] == 2
+    assert services["worker"]["depends_on"]["kafka"]["condition"] == "service_healthy"
+    kafka_env = services["kafka"]["environment"]
+    assert kafka_env["KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR"] == 1
+    assert kafka_env["KAFKA_TRANSACTION_STATE_LOG_MIN_ISR"] == 1
+    assert "kafka-broker-api-versions.sh" in " ".join(services["kafka"]["healthcheck"]["test"])
+    env_names = {name for svc in services.values() for name in (svc.get("environment") or {}) if name.startswith("CW_")}
+    assert env_names and [n for n in env_names if not _setting_exists(n)] == []
+
+
+def test_dashboard_queries_only_registered_metrics() -> None:
+    registry = CollectorRegistry()
+    PrometheusHooks(registry)
+    registered = {m.name for m in registry.collect()}
+    dashboard = json.loads((ROOT / "deploy" / "grafana" / "dashboards" / "classify-worker.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {re.sub(r"_(total|bucket|sum|count)$", "", m) for e in exprs for m in re.findall(r"classify_[a-z_]+", e)}
+    assert used, "dashboard has no classify_* queries"
+    assert used - registered == set(), f"dashboard queries unknown metrics; registered: {sorted(registered)}"
+    assert {"classify_routed", "classify_end_to_end_seconds", "classify_consumer_lag"} <= used
+
+
+def test_dockerfile_runs_non_root_with_a_healthcheck() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    assert 'ENTRYPOINT ["classify-worker"]' in text and 'CMD ["run"]' in text
+    assert re.search(r"^USER 10001", text, re.M) and "HEALTHCHECK" in text
+    assert text.count("FROM python:3.11-slim") == 2, "multi-stage on a slim base"
+
+
+@pytest.mark.skipif(shutil.which("helm") is None, reason="helm is not installed")
+@pytest.mark.parametrize("extra", [[], ["--set", "workload=StatefulSet"], ["--set", "autoscaling.keda.enabled=true"]])
+def test_helm_lint_and_template(extra: list[str]) -> None:
+    subprocess.run(["helm", "lint", str(CHART), *extra], check=True, capture_output=True)
+    out = subprocess.run(["helm", "template", "cw", str(CHART), *extra], check=True, capture_output=True, text=True)
+    assert "kind: ConfigMap" in out.stdout
+
+
+def _docker_daemon() -> bool:
+    if shutil.which("docker") is None:
+        return False
+    return subprocess.run(["docker", "info"], capture_output=True, check=False).returncode == 0
+
+
+@pytest.mark.skipif(not _docker_daemon(), reason="no Docker daemon")
+def test_docker_compose_config() -> None:
+    subprocess.run(["docker", "compose", "-f", str(ROOT / "docker-compose.yml"), "config", "-q"], check=True)
