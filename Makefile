@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
 .DEFAULT_GOAL := help
-.PHONY: help demo test test-unit lint bench schemas clean
+.PHONY: help demo test test-unit chaos lint bench schemas clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -30,6 +30,9 @@ test: $(VENV)/.dev ## the whole suite: unit, integration (real broker), model ch
 
 test-unit: $(VENV)/.dev ## unit tests only (no broker)
 	$(PY) -m pytest -m "not integration"
+
+chaos: $(VENV)/.dev ## the chaos test, longer: 100,000 messages per delivery mode
+	CHAOS_MESSAGES=100000 $(PY) -m pytest -m chaos -s
 
 lint: $(VENV)/.dev ## ruff + mypy (strict on worker/)
 	$(VENV)/bin/ruff check worker tests bench

@@ -30,18 +30,29 @@ def _docker_answers() -> bool:
 
 
 @pytest.fixture(scope="session")
-def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def _broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int | None]]:
+    """(bootstrap, pid of the broker process when it is ours to freeze, else None)."""
     explicit = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
     if explicit:
-        yield explicit
+        yield explicit, None
         return
     if _docker_answers():
         from testcontainers.kafka import KafkaContainer
 
         with KafkaContainer() as kafka:
-            yield kafka.get_bootstrap_server()
+            yield kafka.get_bootstrap_server(), None
         return
     from worker.devbroker import DevBroker
 
     with DevBroker(log_file=tmp_path_factory.mktemp("broker") / "tansu.log") as broker:
-        yield broker.bootstrap
+        yield broker.bootstrap, broker.pid
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(_broker: tuple[str, int | None]) -> str:
+    return _broker[0]
+
+
+@pytest.fixture(scope="session")
+def broker_pid(_broker: tuple[str, int | None]) -> int | None:
+    return _broker[1]

@@ -31,8 +31,12 @@ class _Section(BaseModel):
 class KafkaSettings(_Section):
     bootstrap_servers: str = "localhost:9092"
     group_id: str = "classify-worker"
-    #: Passed through to librdkafka (SASL/TLS, tuning); JSON object in `CW_KAFKA__CONFIG`.
+    #: Passed through to every librdkafka client (SASL/TLS, tuning); JSON object in `CW_KAFKA__CONFIG`.
     config: dict[str, LibrdkafkaValue] = Field(default_factory=dict)
+    #: Consumer-only and producer-only properties, applied after `config` (librdkafka warns
+    #: about a consumer property given to a producer and vice versa).
+    consumer_config: dict[str, LibrdkafkaValue] = Field(default_factory=dict)
+    producer_config: dict[str, LibrdkafkaValue] = Field(default_factory=dict)
     #: SASL password kept out of logs and reprs; merged as `sasl.password`.
     sasl_password: SecretStr | None = None
     #: Stable per replica (pod name): the transactional id, so a restarted replica fences its
@@ -124,8 +128,8 @@ class Settings(BaseSettings):
             "auto.offset.reset": "earliest",
             "session.timeout.ms": self.kafka.session_timeout_ms,
             "partition.assignment.strategy": "cooperative-sticky",
-            "statistics.interval.ms": 0,
             **self.kafka.config,
+            **self.kafka.consumer_config,
             # must win: offsets are committed by us, after delivery, and only committed data is read
             "group.id": self.kafka.group_id,
             "enable.auto.commit": False,
@@ -141,6 +145,7 @@ class Settings(BaseSettings):
             "compression.type": "lz4",
             "transaction.timeout.ms": self.kafka.transaction_timeout_ms,
             **self.kafka.config,
+            **self.kafka.producer_config,
             # must win: duplicates from producer retries would break both delivery modes
             "enable.idempotence": True,
             **({"transactional.id": self.transactional_id} if exactly_once else {}),

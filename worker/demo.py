@@ -203,7 +203,7 @@ def run_demo(console: Console | None = None) -> int:
         if external:  # never mix with real traffic on someone's cluster
             names = {k: f"demo-{tag}.{v}" for k, v in names.items()}
         port = free_port()
-        tuning = {} if external else {"CW_KAFKA__CONFIG": json.dumps(DevBroker.CLIENT_TUNING)}
+        tuning = {} if external else {"CW_KAFKA__CONSUMER_CONFIG": json.dumps(DevBroker.CLIENT_TUNING)}
         env = {
             **tuning,
             "CW_KAFKA__BOOTSTRAP_SERVERS": bootstrap,

@@ -15,6 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 #: Header names are part of the contract: consumers filter on them without parsing values.
 ROUTE_HEADERS = ("route.category", "route.label", "route.score", "route.model")
+#: On every output (routed and dead-letter): "<instance>:<pid>:<seq>", the transaction attempt
+#: that produced it — lineage for operators, and how tests tell committed batches from aborted.
+BATCH_HEADER = "route.batch"
 ERROR_REASON = "error.reason"
 ERROR_MESSAGE = "error.message"
 SOURCE_TOPIC = "source.topic"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
@@ -47,7 +48,8 @@ def ensure_topics(admin: AdminClient, names: Iterable[str], partitions: int, rep
 
 
 def ensure_for(settings: Settings, router: Router) -> list[str]:
-    admin = AdminClient(settings.librdkafka_admin())
+    conf: dict[str, Any] = {**settings.librdkafka_admin(), "logger": logging.getLogger("librdkafka")}
+    admin = AdminClient(conf)
     return ensure_topics(
         admin, required_topics(settings, router), settings.topics.partitions, settings.topics.replication
     )

@@ -11,6 +11,8 @@ CONTRACT_ENV = {
     "CW_KAFKA__BOOTSTRAP_SERVERS": ("kafka.bootstrap_servers", "b1:9092,b2:9092", "b1:9092,b2:9092"),
     "CW_KAFKA__GROUP_ID": ("kafka.group_id", "g", "g"),
     "CW_KAFKA__CONFIG": ("kafka.config", '{"security.protocol": "SASL_SSL"}', {"security.protocol": "SASL_SSL"}),
+    "CW_KAFKA__CONSUMER_CONFIG": ("kafka.consumer_config", '{"fetch.wait.max.ms": 10}', {"fetch.wait.max.ms": 10}),
+    "CW_KAFKA__PRODUCER_CONFIG": ("kafka.producer_config", '{"linger.ms": 1}', {"linger.ms": 1}),
     "CW_KAFKA__INSTANCE_ID": ("kafka.instance_id", "pod-0", "pod-0"),
     "CW_TOPICS__INPUT": ("topics.input", "in", "in"),
     "CW_TOPICS__PREFIX": ("topics.prefix", "r.", "r."),

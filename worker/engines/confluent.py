@@ -14,6 +14,7 @@ batch is acknowledged.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
@@ -31,6 +32,7 @@ from confluent_kafka import (
 
 from worker.config import Settings
 from worker.errors import DeliveryError, FatalDeliveryError, InferenceError
+from worker.messages import BATCH_HEADER
 from worker.observability import Hooks
 from worker.pipeline import Outcome, Pipeline
 from worker.records import Headers, Outgoing, Record
@@ -100,6 +102,9 @@ class ConfluentEngine:
         self._committed: dict[tuple[str, int], int] = {}
         self._next_lag = 0.0
         self.processed = 0
+        # instance + pid: unique across restarts of one replica, so a batch id names one attempt
+        self._batch_prefix = f"{settings.kafka.instance_id}:{os.getpid()}:"
+        self._batch_seq = 0
         client_logger = logging.getLogger("librdkafka")
         self.consumer = Consumer(
             {**settings.librdkafka_consumer(), "logger": client_logger, "error_cb": self._on_error}
@@ -194,39 +199,43 @@ class ConfluentEngine:
             return False
         self.hooks.on_batch(outcome)
         offsets = next_offsets(records)
+        self._batch_seq += 1
+        batch = f"{self._batch_prefix}{self._batch_seq}".encode()
         try:
             if self.exactly_once:
-                self._transact(outcome, offsets)
+                self._transact(outcome, offsets, batch)
             else:
-                self._deliver_then_commit(outcome, offsets)
+                self._deliver_then_commit(outcome, offsets, batch)
         except FatalDeliveryError as e:
-            log.critical("fatal delivery error", extra={"error": str(e)})
+            log.critical("fatal delivery error", extra={"error": str(e), "batch": batch.decode()})
             return False
         except DeliveryError as e:
-            log.warning("batch not delivered; rewinding", extra={"error": str(e), "size": len(records)})
+            log.warning("batch not delivered; rewinding", extra={"error": str(e), "batch": batch.decode()})
             self.hooks.on_batch_failed("delivery")
             return False
+        log.debug("batch committed", extra={"batch": batch.decode(), "messages": len(records)})
         for tp in offsets:
             self._committed[(tp.topic, tp.partition)] = tp.offset
         self.hooks.on_committed(outcome.outgoing, int(time.time() * 1000))
         return True
 
-    def _produce(self, out: Outgoing, on_delivery: Callable[[KafkaError | None, Message], None] | None) -> None:
+    def _produce(
+        self, out: Outgoing, batch: bytes, on_delivery: Callable[[KafkaError | None, Message], None] | None
+    ) -> None:
+        headers = cast(Any, [*out.headers, (BATCH_HEADER, batch)])
         while True:
             try:
-                self.producer.produce(
-                    out.topic, value=out.value, key=out.key, headers=cast(Any, out.headers), on_delivery=on_delivery
-                )
+                self.producer.produce(out.topic, value=out.value, key=out.key, headers=headers, on_delivery=on_delivery)
                 return
             except BufferError:  # local queue full: serve delivery reports, then try again
                 self.producer.poll(0.05)
 
-    def _transact(self, outcome: Outcome, offsets: list[TopicPartition]) -> None:
+    def _transact(self, outcome: Outcome, offsets: list[TopicPartition], batch: bytes) -> None:
         p = self.producer
         try:
             p.begin_transaction()
             for out in outcome.outgoing:
-                self._produce(out, None)
+                self._produce(out, batch, None)
             self._call(
                 lambda: p.send_offsets_to_transaction(offsets, self.consumer.consumer_group_metadata(), CALL_TIMEOUT_S)
             )
@@ -262,7 +271,7 @@ class ConfluentEngine:
                 raise FatalDeliveryError(err.str()) from e
             log.warning("abort failed", extra={"error": err.str()})
 
-    def _deliver_then_commit(self, outcome: Outcome, offsets: list[TopicPartition]) -> None:
+    def _deliver_then_commit(self, outcome: Outcome, offsets: list[TopicPartition], batch: bytes) -> None:
         failures: list[KafkaError] = []
 
         def on_delivery(err: KafkaError | None, _msg: Message) -> None:
@@ -270,7 +279,7 @@ class ConfluentEngine:
                 failures.append(err)
 
         for out in outcome.outgoing:
-            self._produce(out, on_delivery)
+            self._produce(out, batch, on_delivery)
         remaining = self.producer.flush(CALL_TIMEOUT_S)
         if remaining or failures:
             first = failures[0].str() if failures else "timeout"
