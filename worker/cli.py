@@ -88,7 +88,6 @@ def run(
         from worker.engines.confluent import ConfluentEngine
         from worker.observability import Health, HookSet, MetricsServer, PrometheusHooks
         from worker.pipeline import build_pipeline
-        from worker.topics import ensure_for
 
         if engine is Engine.faust:
             _fail(EXIT_CONFIG, "the faust engine is not available in this build")
@@ -103,8 +102,6 @@ def run(
         worker = ConfluentEngine(settings, pipeline, hooks)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: worker.request_stop())
-        if settings.topics.auto_create:
-            worker._retry("create topics", lambda: ensure_for(settings, pipeline.router))
         log.info(
             "worker starting",
             extra={

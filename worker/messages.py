@@ -30,7 +30,7 @@ class Inbound(BaseModel):
 
     model_config = ConfigDict(extra="allow", title="Inbound")
 
-    id: str | None = Field(default=None, description="Defaults to 'topic:partition:offset'.")
+    id: str | None = Field(default=None, min_length=1, description="Defaults to 'topic:partition:offset'.")
     text: str = Field(description="The text to classify; must not be blank.")
     kind: Literal["query", "document"] = "query"
     meta: dict[str, Any] | None = None
@@ -60,7 +60,7 @@ class Routed(Inbound):
 
     model_config = ConfigDict(extra="allow", title="Routed")
 
-    id: str
+    id: str = Field(min_length=1)
     route: Route
 
 

@@ -23,11 +23,14 @@ def required_topics(settings: Settings, router: Router) -> list[str]:
     return sorted({settings.topics.input, settings.topics.dlq, *router.topics()})
 
 
+def missing_topics(admin: AdminClient, names: Iterable[str]) -> list[str]:
+    existing = set(admin.list_topics(timeout=ADMIN_TIMEOUT_S).topics)
+    return sorted(set(names) - existing)
+
+
 def ensure_topics(admin: AdminClient, names: Iterable[str], partitions: int, replication: int) -> list[str]:
     """Create the missing topics; return the names created. Existing topics are left alone."""
-    wanted = sorted(set(names))
-    existing = set(admin.list_topics(timeout=ADMIN_TIMEOUT_S).topics)
-    missing = [n for n in wanted if n not in existing]
+    missing = missing_topics(admin, names)
     if not missing:
         return []
     futures = admin.create_topics(
@@ -47,9 +50,15 @@ def ensure_topics(admin: AdminClient, names: Iterable[str], partitions: int, rep
     return sorted(created)
 
 
-def ensure_for(settings: Settings, router: Router) -> list[str]:
+def admin_client(settings: Settings) -> AdminClient:
     conf: dict[str, Any] = {**settings.librdkafka_admin(), "logger": logging.getLogger("librdkafka")}
-    admin = AdminClient(conf)
+    return AdminClient(conf)
+
+
+def ensure_for(settings: Settings, router: Router) -> list[str]:
     return ensure_topics(
-        admin, required_topics(settings, router), settings.topics.partitions, settings.topics.replication
+        admin_client(settings),
+        required_topics(settings, router),
+        settings.topics.partitions,
+        settings.topics.replication,
     )

@@ -36,6 +36,7 @@ from worker.messages import BATCH_HEADER
 from worker.observability import Hooks
 from worker.pipeline import Outcome, Pipeline
 from worker.records import Headers, Outgoing, Record
+from worker.topics import admin_client, ensure_topics, missing_topics, required_topics
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -46,6 +47,8 @@ BACKOFF_START_S = 0.5
 BACKOFF_MAX_S = 30.0
 #: Per-call timeout for transactional and flush calls; longer than a healthy round trip by far.
 CALL_TIMEOUT_S = 30.0
+#: How often the output topics are checked for existence (a deleted one is recreated).
+TOPIC_CHECK_INTERVAL_S = 10.0
 #: How often lag is computed from watermarks and committed offsets.
 LAG_INTERVAL_S = 5.0
 
@@ -101,6 +104,8 @@ class ConfluentEngine:
         self._fatal: KafkaError | None = None
         self._committed: dict[tuple[str, int], int] = {}
         self._next_lag = 0.0
+        self._next_topic_check = time.monotonic() + TOPIC_CHECK_INTERVAL_S
+        self._admin = admin_client(settings)
         self.processed = 0
         # instance + pid: unique across restarts of one replica, so a batch id names one attempt
         self._batch_prefix = f"{settings.kafka.instance_id}:{os.getpid()}:"
@@ -127,6 +132,10 @@ class ConfluentEngine:
 
         Raises `FatalDeliveryError` when the producer is fenced or fatally broken."""
         try:
+            if self.settings.topics.auto_create:
+                t = self.settings.topics
+                names = required_topics(self.settings, self.pipeline.router)
+                self._retry("create topics", lambda: ensure_topics(self._admin, names, t.partitions, t.replication))
             if self.exactly_once:
                 self._retry("init_transactions", lambda: self.producer.init_transactions(CALL_TIMEOUT_S))
             self.consumer.subscribe(
@@ -148,6 +157,7 @@ class ConfluentEngine:
         while not self._should_stop():
             self.hooks.on_loop()
             self._report_lag()
+            self._check_topics()
             want = self.settings.batch.max_items
             if max_messages is not None:
                 want = min(want, max_messages - self.processed)
@@ -212,6 +222,7 @@ class ConfluentEngine:
         except DeliveryError as e:
             log.warning("batch not delivered; rewinding", extra={"error": str(e), "batch": batch.decode()})
             self.hooks.on_batch_failed("delivery")
+            self._check_topics(force=True)
             return False
         log.debug("batch committed", extra={"batch": batch.decode(), "messages": len(records)})
         for tp in offsets:
@@ -308,6 +319,25 @@ class ConfluentEngine:
                 log.warning("seek failed", extra={"partition": tp.partition, "error": str(e)})
 
     # -- callbacks and housekeeping ---------------------------------------------------------
+
+    def _check_topics(self, force: bool = False) -> None:
+        """Every TOPIC_CHECK_INTERVAL_S, and after a failed delivery: an output topic deleted
+        under us is recreated (auto_create) or reported each time, never silently skipped."""
+        now = time.monotonic()
+        if not force and now < self._next_topic_check:
+            return
+        self._next_topic_check = now + TOPIC_CHECK_INTERVAL_S
+        try:
+            names = required_topics(self.settings, self.pipeline.router)
+            if self.settings.topics.auto_create:
+                t = self.settings.topics
+                created = ensure_topics(self._admin, names, t.partitions, t.replication)
+                if created:
+                    log.warning("recreated missing topics", extra={"topics": created})
+            elif missing := missing_topics(self._admin, names):
+                log.error("output topics missing; create them or set CW_TOPICS__AUTO_CREATE", extra={"topics": missing})
+        except (KafkaException, DeliveryError) as e:
+            log.warning("cannot check topics", extra={"error": str(e)})
 
     def _retry(self, what: str, fn: Callable[[], T]) -> T | None:
         backoff = Backoff()
