@@ -168,6 +168,7 @@ def train(
     batch_size: int = 32,
     lr: float = 1e-4,
     label_smoothing: float = 0.1,
+    fallback_loss_weight: Annotated[float, typer.Option(help="Loss weight of the fallback labels.")] = 1.0,
     seed: int = 13,
     categories: Annotated[Path | None, typer.Option(help="JSON: {label: category} or {category: [labels]}.")] = None,
     fallback_label: Annotated[
@@ -189,7 +190,14 @@ def train(
             from worker.train.finetune import FitConfig
         except ImportError as e:
             _fail(EXIT_CONFIG, f"training needs the [train] extra: pip install 'classify-worker[train]' ({e})")
-        cfg = FitConfig(epochs=epochs, batch_size=batch_size, lr=lr, label_smoothing=label_smoothing, seed=seed)
+        cfg = FitConfig(
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            label_smoothing=label_smoothing,
+            seed=seed,
+            fallback_loss_weight=fallback_loss_weight,
+        )
         result = train_bundle(
             data,
             out,

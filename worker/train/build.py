@@ -64,7 +64,7 @@ def train_bundle(
     categories = {lb: c for lb, c in categories.items() if lb in labels and lb not in fallback}
 
     started = time.perf_counter()
-    model, tok = fit(base, splits.train, labels, fit_cfg)
+    model, tok = fit(base, splits.train, labels, fit_cfg, frozenset(fallback))
     fit_seconds = time.perf_counter() - started
     if save_torch:
         model.save_pretrained(save_torch)
@@ -139,7 +139,7 @@ exported to ONNX (opset 18) and quantized to int8 (onnxruntime dynamic quantizat
 | out-of-scope recall | {_pct(t["out_of_scope_recall"])} |
 | routing accuracy (category or fallback, all examples) | {_pct(t["routing_accuracy"])} |
 | macro-F1 (labels) | {t["macro_f1"]:.3f} |
-| fallback threshold (chosen on validation) | {result["threshold"]["value"]} |
+| fallback threshold (chosen on validation, out-of-scope weight {result["threshold"]["oos_weight"]}) | {result["threshold"]["value"]} |
 | items/s (this machine, while evaluating) | {t["items_per_s"]:.0f} |
 
 ## Training
