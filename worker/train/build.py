@@ -125,6 +125,7 @@ def model_card(result: dict[str, Any], splits: Splits, categories: dict[str, str
     t = result["test"]
     fit_cfg = result["fit"]
     n_categories = len(set(categories.values())) or len(splits.labels)
+    oos_w = result["threshold"]["oos_weight"]
     return f"""# {result["model"]}
 
 Sequence classifier fine-tuned from `{result["base"]}` on `{result["data"]["file"]}`
@@ -139,7 +140,7 @@ exported to ONNX (opset 18) and quantized to int8 (onnxruntime dynamic quantizat
 | out-of-scope recall | {_pct(t["out_of_scope_recall"])} |
 | routing accuracy (category or fallback, all examples) | {_pct(t["routing_accuracy"])} |
 | macro-F1 (labels) | {t["macro_f1"]:.3f} |
-| fallback threshold (chosen on validation, out-of-scope weight {result["threshold"]["oos_weight"]}) | {result["threshold"]["value"]} |
+| fallback threshold (chosen on validation, out-of-scope weight {oos_w}) | {result["threshold"]["value"]} |
 | items/s (this machine, while evaluating) | {t["items_per_s"]:.0f} |
 
 ## Training
