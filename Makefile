@@ -39,8 +39,9 @@ lint: $(VENV)/.dev ## ruff + mypy (strict on worker/)
 	$(VENV)/bin/ruff format --check worker tests bench
 	$(VENV)/bin/mypy
 
-bench: $(VENV)/.dev ## benchmarks; results in bench/results/
-	$(VENV)/bin/classify-worker bench
+bench: $(VENV)/.dev ## benchmarks; results, table and plots in bench/results/
+	$(PIP) install -e '.[bench]'
+	$(VENV)/bin/classify-worker bench $(if $(wildcard ../shared/data/clinc150/data_full.json),--data ../shared/data/clinc150/data_full.json)
 
 schemas: $(VENV)/.dev ## regenerate schemas/ from worker/messages.py
 	$(PY) -m worker.messages schemas

@@ -107,6 +107,9 @@ class ConfluentEngine:
         self._next_topic_check = time.monotonic() + TOPIC_CHECK_INTERVAL_S
         self._admin = admin_client(settings)
         self.processed = 0
+        #: perf_counter() of the first consumed record and of the last commit: throughput window.
+        self.first_record_at: float | None = None
+        self.last_commit_at: float | None = None
         # instance + pid: unique across restarts of one replica, so a batch id names one attempt
         self._batch_prefix = f"{settings.kafka.instance_id}:{os.getpid()}:"
         self._batch_seq = 0
@@ -168,7 +171,10 @@ class ConfluentEngine:
                     return
                 continue
             last_message = time.monotonic()
+            if self.first_record_at is None:
+                self.first_record_at = time.perf_counter()
             if self._process(records):
+                self.last_commit_at = time.perf_counter()
                 backoff.reset()
                 self.processed += len(records)
                 if max_messages is not None and self.processed >= max_messages:
