@@ -155,11 +155,62 @@ def worker_end_to_end(bootstrap: str, texts: list[str], bundle: Path) -> dict[st
     }
 
 
+def faust_end_to_end(bootstrap: str, texts: list[str], bundle: Path, workdir: Path) -> dict[str, Any] | None:
+    """The Faust engine as a subprocess on the same backlog: from its partition assignment to the
+    last routed message a read_committed reader sees (it has no in-process timestamps)."""
+    try:
+        import faust  # noqa: F401
+    except ImportError:
+        return None
+    tag = uuid.uuid4().hex[:8]
+    conf = _topics_env(bootstrap, tag)
+    settings = load_settings(**conf, model={"path": bundle})
+    from worker.routing import Router
+    from worker.topics import ensure_for
+
+    b = load_bundle(bundle)
+    router = Router(b.routes, b.labels, settings)
+    ensure_for(settings, router)
+    n = _produce(bootstrap, settings.topics.input, texts)
+    env = _worker_env(bootstrap, conf, bundle)
+    log = workdir / f"faust-{tag}.log"
+    start = read_from = None
+    with _worker_process(env, log, "--engine", "faust"):
+        _wait_assigned(log)
+        start = time.perf_counter()
+        read_from = time.time()
+        seen = read_outputs(bootstrap, [*router.topics(), settings.topics.dlq], expect=n, timeout_s=300, quiet_s=0.5)
+    last = max(o.seen_at for o in seen)
+    return {
+        "messages": n,
+        "received": len(seen),
+        "items_per_s": n / max(last - read_from, 1e-9),
+        "seconds": last - read_from,
+        "started": start is not None,
+    }
+
+
+def _worker_env(bootstrap: str, conf: dict[str, Any], bundle: Path) -> dict[str, str]:
+    return {
+        "CW_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
+        "CW_KAFKA__GROUP_ID": conf["kafka"]["group_id"],
+        "CW_KAFKA__INSTANCE_ID": conf["kafka"]["instance_id"],
+        "CW_KAFKA__SESSION_TIMEOUT_MS": "6000",
+        "CW_KAFKA__CONSUMER_CONFIG": json.dumps(DevBroker.CLIENT_TUNING),
+        "CW_MODEL__PATH": str(bundle),
+        "CW_METRICS__PORT": str(free_port()),
+        **{f"CW_TOPICS__{k.upper()}": v for k, v in conf["topics"].items()},
+    }
+
+
 @contextlib.contextmanager
-def _worker_process(settings_env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+def _worker_process(settings_env: dict[str, str], log: Path, *args: str) -> Iterator[subprocess.Popen[bytes]]:
     with log.open("ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "worker.cli", "run"], env={**os.environ, **settings_env}, stdout=out, stderr=out
+        proc = subprocess.Popen(  # noqa: S603 - our own CLI
+            [sys.executable, "-m", "worker.cli", "run", *args],
+            env={**os.environ, **settings_env},
+            stdout=out,
+            stderr=out,
         )
     try:
         yield proc
@@ -197,16 +248,7 @@ def _latency_at(
 
     tag = uuid.uuid4().hex[:8]
     conf = _topics_env(bootstrap, tag)
-    env = {
-        "CW_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
-        "CW_KAFKA__GROUP_ID": conf["kafka"]["group_id"],
-        "CW_KAFKA__INSTANCE_ID": conf["kafka"]["instance_id"],
-        "CW_KAFKA__SESSION_TIMEOUT_MS": "6000",
-        "CW_KAFKA__CONSUMER_CONFIG": json.dumps(DevBroker.CLIENT_TUNING),
-        "CW_MODEL__PATH": str(bundle),
-        "CW_METRICS__PORT": str(free_port()),
-        **{f"CW_TOPICS__{k.upper()}": v for k, v in conf["topics"].items()},
-    }
+    env = _worker_env(bootstrap, conf, bundle)
     settings = load_settings(**conf, model={"path": bundle})
     b = load_bundle(bundle)
     router = Router(b.routes, b.labels, settings)
@@ -314,6 +356,10 @@ def run_bench(
         )
         f["worker"] = worker_end_to_end(bootstrap, texts, bundle_path)
         console.print(f"worker end to end: {f['worker']['items_per_s']:.0f} items/s")
+        faust_figure = faust_end_to_end(bootstrap, texts, bundle_path, workdir)
+        if faust_figure:
+            f["faust"] = faust_figure
+            console.print(f"faust engine end to end: {faust_figure['items_per_s']:.0f} items/s")
         f["latency"] = latency_under_load(bootstrap, texts, bundle_path, f["worker"]["items_per_s"], latency_s, workdir)
         console.print(f"latency at 50% load: p99 {f['latency']['0.5']['p99_ms']:.0f} ms")
     if baseline_model is not None and baseline_model.is_dir():
@@ -346,6 +392,8 @@ def summary_table(r: Results) -> Table:
     t.add_row("model-only, with tokenizer (items/s)", f"{f['model_only']['items_per_s']:.0f}", "")
     t.add_row("worker end to end (items/s)", f"{f['worker']['items_per_s']:.0f}", "")
     t.add_row("worker ÷ model-only", f"{f['ratios']['worker_over_model_only']:.2f}", "≥ 0.90")
+    if "faust" in f:
+        t.add_row("faust engine end to end (items/s, at-least-once)", f"{f['faust']['items_per_s']:.0f}", "")
     if "baseline" in f:
         t.add_row("transformers pipeline, batch 64 (items/s)", f"{f['baseline']['items_per_s']:.0f}", "")
         t.add_row("model-only ÷ transformers", f"{f['ratios']['model_only_over_transformers']:.1f}", "≥ 5.0")

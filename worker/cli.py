@@ -13,13 +13,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import orjson
 import typer
 
 from worker.config import Settings, load_settings
 from worker.errors import ConfigError, DataError, FatalDeliveryError, ModelError, WorkerError
+
+if TYPE_CHECKING:
+    from worker.observability import Hooks
+    from worker.pipeline import Pipeline
 
 app = typer.Typer(
     help="Streaming classification worker for model routing: Kafka in, ONNX classifier, one topic per category.",
@@ -89,8 +93,6 @@ def run(
         from worker.observability import Health, HookSet, MetricsServer, PrometheusHooks
         from worker.pipeline import build_pipeline
 
-        if engine is Engine.faust:
-            _fail(EXIT_CONFIG, "the faust engine is not available in this build")
         pipeline = build_pipeline(settings)
         registry = CollectorRegistry()
         health = Health()
@@ -99,25 +101,40 @@ def run(
         server = None
         if settings.metrics.enabled:
             server = MetricsServer(settings.metrics.host, settings.metrics.port, registry, health).start()
-        worker = ConfluentEngine(settings, pipeline, hooks)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: worker.request_stop())
         log.info(
             "worker starting",
             extra={
+                "engine": engine.value,
                 "model": pipeline.model_id,
-                "delivery": settings.delivery,
+                "delivery": settings.delivery if engine is Engine.confluent else "at_least_once",
                 "input": settings.topics.input,
                 "group": settings.kafka.group_id,
                 "metrics_port": server.port if server else None,
             },
         )
         try:
-            worker.run(max_messages=max_messages, idle_exit_s=idle_exit)
+            if engine is Engine.faust:
+                processed = _run_faust(settings, pipeline, hooks, max_messages, idle_exit)
+            else:
+                worker = ConfluentEngine(settings, pipeline, hooks)
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    signal.signal(sig, lambda *_: worker.request_stop())
+                worker.run(max_messages=max_messages, idle_exit_s=idle_exit)
+                processed = worker.processed
         finally:
             if server:
                 server.stop()
-        log.info("worker stopped", extra={"processed": worker.processed})
+        log.info("worker stopped", extra={"processed": processed})
+
+
+def _run_faust(
+    settings: Settings, pipeline: Pipeline, hooks: Hooks, max_messages: int | None, idle_exit: float | None
+) -> int:
+    try:
+        from worker.engines import faust as faust_engine
+    except ImportError as e:
+        _fail(EXIT_CONFIG, f"the faust engine needs: pip install 'classify-worker[faust]' ({e})")
+    return faust_engine.run(settings, pipeline, hooks, max_messages=max_messages, idle_exit_s=idle_exit)
 
 
 @app.command()

@@ -1,5 +1,6 @@
-"""The confluent engine against a real broker: the mixed stream in both delivery modes, and
-two workers sharing one group."""
+"""Both engines against a real broker: the same mixed stream through the confluent engine (both
+delivery modes) and the Faust engine; a Faust worker killed mid-stream; two confluent workers
+sharing one group; metrics and graceful shutdown."""
 
 from __future__ import annotations
 
@@ -50,9 +51,29 @@ def _processed(log: Path) -> int:
     raise AssertionError(f"worker did not stop cleanly:\n{log.read_text()[-3000:]}")
 
 
-@pytest.mark.parametrize("delivery", ["exactly_once", "at_least_once"])
+def _faust_available() -> bool:
+    try:
+        import faust  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+ENGINES = [
+    pytest.param("confluent", "exactly_once", id="confluent-exactly_once"),
+    pytest.param("confluent", "at_least_once", id="confluent-at_least_once"),
+    pytest.param(
+        "faust",
+        "at_least_once",
+        id="faust",
+        marks=pytest.mark.skipif(not _faust_available(), reason="needs the [faust] extra"),
+    ),
+]
+
+
+@pytest.mark.parametrize(("engine", "delivery"), ENGINES)
 def test_mixed_stream_is_routed_and_dead_lettered(
-    kafka_bootstrap: str, tiny_bundle: Path, tmp_path: Path, delivery: str
+    kafka_bootstrap: str, tiny_bundle: Path, tmp_path: Path, engine: str, delivery: str
 ) -> None:
     # Given 1,000 messages, 50 of them malformed in 14 different ways, already in the input topic
     topics = TopicSet.fresh()
@@ -62,7 +83,8 @@ def test_mixed_stream_is_routed_and_dead_lettered(
 
     # When one worker runs until the stream is idle
     log = tmp_path / "worker.log"
-    worker = start_worker(_env(topics, kafka_bootstrap, tiny_bundle, "w1", delivery), log, "--idle-exit", "4")
+    env = _env(topics, kafka_bootstrap, tiny_bundle, "w1", delivery)
+    worker = start_worker(env, log, "--engine", engine, "--idle-exit", "4")
     assert worker.wait(120) == 0, log.read_text()[-3000:]
 
     # Then every id is on its expected topic exactly once, with key, headers and reason intact
@@ -164,3 +186,34 @@ def test_metrics_count_what_was_routed_and_sigterm_stops_cleanly(
     finally:
         if worker.poll() is None:
             worker.kill()
+
+
+@pytest.mark.skipif(not _faust_available(), reason="needs the [faust] extra")
+def test_faust_worker_killed_mid_stream_loses_nothing(kafka_bootstrap: str, tiny_bundle: Path, tmp_path: Path) -> None:
+    # Given a Faust worker halfway through 3,000 messages
+    topics = TopicSet.fresh()
+    _create_input(kafka_bootstrap, topics.input)
+    messages, expected = scenario.build(3000)
+    produce(kafka_bootstrap, topics.input, messages)
+    env = {**_env(topics, kafka_bootstrap, tiny_bundle, "f1", "at_least_once"), "CW_BATCH__MAX_ITEMS": "50"}
+    log = tmp_path / "faust.log"
+    first = start_worker(env, log, "--engine", "faust")
+    try:
+        reader_topics = topics.outputs(CATEGORIES)
+        deadline = time.monotonic() + 90
+        while len(read_outputs(kafka_bootstrap, reader_topics, expect=300, timeout_s=5, quiet_s=0)) < 300:
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+        # When it is killed with SIGKILL and started again
+        first.kill()
+        first.wait(10)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    second = start_worker(env, log, "--engine", "faust", "--idle-exit", "6")
+    assert second.wait(180) == 0, log.read_text()[-3000:]
+
+    # Then every id arrived at least once
+    received = read_outputs(kafka_bootstrap, topics.outputs(CATEGORIES), expect=len(expected))
+    scenario.check(received, expected, topics.prefix, topics.dlq, exactly_once=False)
+    dups = len(received) - len({r.key for r in received})
+    print(f"faust restart: {len(received)} outputs for {len(expected)} inputs, {dups} re-delivered")

@@ -1,0 +1,168 @@
+"""The same pipeline as a faust-streaming agent, for teams whose topology is already Faust.
+
+Nothing is re-implemented here: records go through `worker.pipeline.Pipeline` (decode, classify,
+route, dead-letter) and the observability hooks, exactly as in the confluent engine. The agent
+batches with `stream.take_events`, runs the CPU-bound pipeline in a worker thread so the event
+loop keeps heartbeating, sends every output and awaits its acknowledgement before taking the
+next batch — Faust acknowledges (and later commits) a batch's offsets only then, so delivery is
+at-least-once.
+
+Faust's own `processing_guarantee="exactly_once"` is not offered: it needs one transactional
+producer per input partition and read_committed consumers on a broker that honours aborted
+transactions; use the confluent engine for exactly-once. This is the only module that imports
+faust, so `import worker` never pulls it in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import faust
+
+from worker.config import Settings
+from worker.errors import InferenceError
+from worker.observability import Hooks
+from worker.pipeline import Pipeline
+from worker.records import Record
+from worker.topics import ensure_for
+
+log = logging.getLogger(__name__)
+
+#: Backoff between retries of a batch the classifier failed on, as in the confluent engine.
+BACKOFF_START_S = 0.5
+BACKOFF_MAX_S = 30.0
+
+
+def create_app(settings: Settings) -> faust.App:
+    """A Faust app configured from our settings (raw bytes in and out, no web server, no tables)."""
+    return faust.App(
+        settings.kafka.group_id,
+        broker=f"kafka://{settings.kafka.bootstrap_servers.replace(',', ';kafka://')}",
+        key_serializer="raw",
+        value_serializer="raw",
+        web_enabled=False,
+        topic_allow_declare=False,
+        topic_disable_leader=True,
+        consumer_auto_offset_reset="earliest",
+        broker_session_timeout=settings.kafka.session_timeout_ms / 1000,
+        store="memory://",
+    )
+
+
+class FaustClassifier:
+    """Adds the classification agent to a Faust app: `FaustClassifier(app, settings, pipeline)`."""
+
+    def __init__(self, app: faust.App, settings: Settings, pipeline: Pipeline, hooks: Hooks | None = None) -> None:
+        self.app = app
+        self.settings = settings
+        self.pipeline = pipeline
+        self.hooks = hooks or Hooks()
+        self.processed = 0
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="classify")
+        self._topics: dict[str, faust.TopicT] = {}
+        self._source = self._raw_topic(settings.topics.input)
+        self.agent = app.agent(self._source, name="classify-worker")(self._classify)
+        app.on_partitions_assigned.connect(self._on_assigned)
+        app.on_partitions_revoked.connect(self._on_revoked)
+
+    def _mine(self, tps: Any) -> list[tuple[str, int]]:
+        return sorted((tp.topic, tp.partition) for tp in tps if tp.topic == self.settings.topics.input)
+
+    async def _on_assigned(self, _sender: Any, assigned: Any, **_: Any) -> None:
+        mine = self._mine(assigned)
+        log.info("partitions assigned", extra={"partitions": [p for _, p in mine]})
+        self.hooks.on_assign(mine)
+
+    async def _on_revoked(self, _sender: Any, revoked: Any, **_: Any) -> None:
+        mine = self._mine(revoked)
+        log.info("partitions revoked", extra={"partitions": [p for _, p in mine]})
+        self.hooks.on_revoke(mine)
+
+    def _raw_topic(self, name: str) -> faust.TopicT:
+        # bytes in, bytes out, whatever serializers the host app defaults to
+        return self.app.topic(name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+
+    def _topic(self, name: str) -> faust.TopicT:
+        if name not in self._topics:
+            self._topics[name] = self._raw_topic(name)
+        return self._topics[name]
+
+    async def _classify(self, stream: faust.StreamT[bytes]) -> None:
+        batch = self.settings.batch
+        async for events in stream.take_events(batch.max_items, within=batch.max_wait_ms / 1000 or 0.001):
+            self.hooks.on_loop()
+            records = [_record(e.message) for e in events]
+            outcome = await self._process_until_it_works(records)
+            sends = [
+                await self._topic(o.topic).send(key=o.key, value=o.value, headers=[(k, v or b"") for k, v in o.headers])
+                for o in outcome.outgoing
+            ]
+            await asyncio.gather(*sends)  # every output acknowledged before these offsets are acked
+            self.hooks.on_batch(outcome)
+            self.hooks.on_committed(outcome.outgoing, int(time.time() * 1000))
+            self.processed += len(records)
+
+    async def _process_until_it_works(self, records: list[Record]) -> Any:
+        delay = BACKOFF_START_S
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                return await loop.run_in_executor(self._executor, self.pipeline.process, records)
+            except InferenceError as e:
+                log.error("classifier failed on a batch; will retry", extra={"error": str(e), "size": len(records)})
+                self.hooks.on_batch_failed("inference")
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, BACKOFF_MAX_S)
+
+
+def _record(message: Any) -> Record:
+    ts = message.timestamp
+    return Record(
+        value=message.value,
+        key=message.key,
+        headers=list(message.headers or []),
+        topic=message.topic,
+        partition=message.partition,
+        offset=message.offset,
+        timestamp_ms=int(ts * 1000) if ts else None,
+    )
+
+
+def run(
+    settings: Settings,
+    pipeline: Pipeline,
+    hooks: Hooks,
+    max_messages: int | None = None,
+    idle_exit_s: float | None = None,
+) -> int:
+    """`classify-worker run --engine faust`: a Faust worker until SIGTERM, `max_messages` or idle."""
+    import mode
+
+    if settings.topics.auto_create:
+        ensure_for(settings, pipeline.router)
+    app = create_app(settings)
+    classifier = FaustClassifier(app, settings, pipeline, hooks)
+    state = {"last": time.monotonic(), "seen": 0}
+
+    @app.timer(0.5)  # type: ignore[untyped-decorator]
+    async def bounded_run() -> None:
+        hooks.on_loop()
+        if classifier.processed != state["seen"]:
+            state.update(last=time.monotonic(), seen=classifier.processed)
+        done = max_messages is not None and classifier.processed >= max_messages
+        idle = idle_exit_s is not None and time.monotonic() - state["last"] > idle_exit_s
+        if done or idle:
+            log.info("bounded run finished", extra={"processed": classifier.processed, "idle": idle})
+            os.kill(os.getpid(), signal.SIGTERM)  # mode's own graceful shutdown: commit, leave group
+
+    worker = mode.Worker(app, loglevel=settings.log_level, override_logging=False, quiet=True)
+    with contextlib.suppress(SystemExit):  # mode exits the process's loop with SystemExit(0)
+        worker.execute_from_commandline()
+    return classifier.processed
