@@ -30,7 +30,7 @@ from rich.table import Table
 
 from worker.config import load_settings
 from worker.demo import read_outputs
-from worker.demo_traffic import QUERIES
+from worker.demo_traffic import QUERIES, paced
 from worker.devbroker import DevBroker, free_port
 from worker.engines.confluent import ConfluentEngine
 from worker.model import Classifier, default_bundle_path, load_bundle
@@ -107,32 +107,19 @@ def _topics_env(bootstrap: str, tag: str) -> dict[str, Any]:
     }
 
 
-def _produce(
-    bootstrap: str, topic: str, texts: list[str], rate_per_s: float | None = None, duration_s: float | None = None
-) -> int:
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5 if rate_per_s is None else 0})
-    started = time.perf_counter()
-    i = 0
-    while True:
-        if duration_s is None and i >= len(texts):
-            break
-        if duration_s is not None and time.perf_counter() - started >= duration_s:
-            break
-        value = json.dumps({"id": f"b{i}", "text": texts[i % len(texts)]}).encode()
+def _produce(bootstrap: str, topic: str, texts: list[str]) -> int:
+    """The backlog: every text, as fast as the producer goes."""
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
+    for i, text in enumerate(texts):
         while True:
             try:
-                producer.produce(topic, value=value, key=f"b{i}".encode())
+                producer.produce(topic, value=json.dumps({"id": f"b{i}", "text": text}).encode(), key=f"b{i}".encode())
                 break
-            except BufferError:
+            except BufferError:  # local queue full
                 producer.poll(0.05)
         producer.poll(0)
-        i += 1
-        if rate_per_s:
-            delay = started + i / rate_per_s - time.perf_counter()
-            if delay > 0:
-                time.sleep(delay)
     producer.flush(60)
-    return i
+    return len(texts)
 
 
 def worker_end_to_end(bootstrap: str, texts: list[str], bundle: Path) -> dict[str, Any]:
@@ -290,17 +277,11 @@ def _wait_assigned(log: Path, timeout_s: float = 90) -> None:
 def _timed_produce(bootstrap: str, topic: str, texts: list[str], rate: float, duration: float) -> dict[bytes, float]:
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 0})
     sent: dict[bytes, float] = {}
-    started = time.perf_counter()
-    i = 0
-    while time.perf_counter() - started < duration:
+    for i in paced(rate, duration_s=duration):
         key = f"l{i}".encode()
         producer.produce(topic, key=key, value=json.dumps({"id": key.decode(), "text": texts[i % len(texts)]}).encode())
         sent[key] = time.time()
         producer.poll(0)
-        i += 1
-        delay = started + i / rate - time.perf_counter()
-        if delay > 0:
-            time.sleep(delay)
     producer.flush(30)
     return sent
 

@@ -33,7 +33,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from worker.config import load_settings
-from worker.demo_traffic import DemoMessage, messages
+from worker.demo_traffic import DemoMessage, messages, paced
 from worker.devbroker import DevBroker, free_port
 from worker.model.bundle import load_bundle
 from worker.records import Headers
@@ -123,12 +123,8 @@ def _produce(bootstrap: str, topic: str, batch: list[DemoMessage], rate_per_s: f
     """Send the messages (at a fixed rate, or at once); return key → send time."""
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 2})
     sent: dict[bytes, float] = {}
-    start = time.time()
-    for i, msg in enumerate(batch):
-        if rate_per_s:
-            delay = start + i / rate_per_s - time.time()
-            if delay > 0:
-                time.sleep(delay)
+    for i in paced(rate_per_s, count=len(batch)):
+        msg = batch[i]
         sent[msg.key] = time.time()
         producer.produce(topic, key=msg.key, value=msg.value, headers=[("source", b"demo")])
         producer.poll(0)

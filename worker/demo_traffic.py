@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from worker.config import Settings
@@ -167,6 +167,28 @@ def messages() -> list[DemoMessage]:
     return out
 
 
+def paced(
+    rate_per_s: float | None,
+    *,
+    count: int | None = None,
+    duration_s: float | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> Iterator[int]:
+    """Yield 0, 1, 2, … at a fixed rate (or as fast as the caller goes when the rate is None),
+    until `count` items, `duration_s` seconds, or `should_stop()`: every paced producer's loop."""
+    started = time.perf_counter()
+    i = 0
+    while not should_stop() and (count is None or i < count):
+        if duration_s is not None and time.perf_counter() - started >= duration_s:
+            return
+        yield i
+        i += 1
+        if rate_per_s:
+            delay = started + i / rate_per_s - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+
+
 def produce_forever(settings: Settings, rate_per_s: float, count: int, should_stop: Callable[[], bool]) -> int:
     """Cycle through the sample messages at a fixed rate (docker-compose's producer service)."""
     from confluent_kafka import Producer
@@ -174,10 +196,9 @@ def produce_forever(settings: Settings, rate_per_s: float, count: int, should_st
     producer = Producer({**settings.librdkafka_admin(), "linger.ms": 5})
     sample = messages()
     sent = 0
-    start = time.monotonic()
-    while not should_stop() and (count == 0 or sent < count):
-        msg = sample[sent % len(sample)]
-        key = f"{msg.key.decode()}-{sent // len(sample)}".encode()
+    for i in paced(rate_per_s, count=count or None, should_stop=should_stop):
+        msg = sample[i % len(sample)]
+        key = f"{msg.key.decode()}-{i // len(sample)}".encode()
         value = msg.value
         if value is not None and not msg.expected.startswith("dlq:"):
             body = json.loads(value)
@@ -185,9 +206,6 @@ def produce_forever(settings: Settings, rate_per_s: float, count: int, should_st
             value = json.dumps(body).encode()
         producer.produce(settings.topics.input, key=key, value=value)
         producer.poll(0)
-        sent += 1
-        delay = start + sent / rate_per_s - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
+        sent = i + 1
     producer.flush(10)
     return sent

@@ -52,3 +52,27 @@ def test_classify_prints_routed_json_lines(tiny_bundle: Path) -> None:
     first, second = result.stdout.splitlines()
     assert '"category":"banking"' in first
     assert '"error":"empty_text"' in second
+
+
+def test_sample_traffic_sends_the_requested_count(kafka_bootstrap: str, tmp_path: Path) -> None:
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    from worker.demo import read_outputs
+
+    topic = f"sample-{tmp_path.name}"
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+    for f in admin.create_topics([NewTopic(topic, 1, 1)]).values():
+        f.result(30)
+    result = _cli(
+        "sample-traffic",
+        "--rate",
+        "500",
+        "--count",
+        "300",
+        env={"CW_KAFKA__BOOTSTRAP_SERVERS": kafka_bootstrap, "CW_TOPICS__INPUT": topic},
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    got = read_outputs(kafka_bootstrap, [topic], expect=300, timeout_s=30)
+    keys = [o.key for o in got]
+    assert len(keys) == 300 and len(set(keys)) == 300, "each sample message once, unique keys across cycles"
