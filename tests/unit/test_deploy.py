@@ -120,12 +120,37 @@ def test_dockerfile_runs_non_root_with_a_healthcheck() -> None:
     assert text.count("FROM python:3.11-slim") == 2, "multi-stage on a slim base"
 
 
-@pytest.mark.skipif(shutil.which("helm") is None, reason="helm is not installed")
-@pytest.mark.parametrize("extra", [[], ["--set", "workload=StatefulSet"], ["--set", "autoscaling.keda.enabled=true"]])
-def test_helm_lint_and_template(extra: list[str]) -> None:
-    subprocess.run(["helm", "lint", str(CHART), *extra], check=True, capture_output=True)
-    out = subprocess.run(["helm", "template", "cw", str(CHART), *extra], check=True, capture_output=True, text=True)
-    assert "kind: ConfigMap" in out.stdout
+HELM = shutil.which("helm") or (str(ROOT / ".tools" / "helm") if (ROOT / ".tools" / "helm").exists() else None)
+
+
+@pytest.mark.skipif(HELM is None, reason="helm is not installed (make test fetches it into .tools/ when npm works)")
+@pytest.mark.parametrize(
+    ("extra", "kinds"),
+    [
+        ([], {"Deployment", "ConfigMap", "Service", "PodDisruptionBudget", "ServiceAccount"}),
+        (["--set", "workload=StatefulSet"], {"StatefulSet"}),
+        (["--set", "autoscaling.keda.enabled=true"], {"ScaledObject"}),
+        (["--set", "autoscaling.hpa.enabled=true"], {"HorizontalPodAutoscaler"}),
+        (["--api-versions", "monitoring.coreos.com/v1"], {"ServiceMonitor"}),
+    ],
+)
+def test_helm_lint_and_template(extra: list[str], kinds: set[str]) -> None:
+    assert HELM is not None
+    lint_args = [a for a in extra if a != "--api-versions" and "monitoring" not in a]  # lint has no --api-versions
+    lint = subprocess.run([HELM, "lint", str(CHART), *lint_args], capture_output=True, text=True, check=False)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    out = subprocess.run([HELM, "template", "cw", str(CHART), *extra], check=True, capture_output=True, text=True)
+    rendered = set(re.findall(r"^kind: (\w+)", out.stdout, re.M))
+    assert kinds <= rendered, f"missing {kinds - rendered}"
+    assert ("ServiceMonitor" in rendered) == ("monitoring.coreos.com/v1" in extra), "ServiceMonitor needs its CRD"
+
+
+@pytest.mark.skipif(HELM is None, reason="helm is not installed")
+def test_helm_refuses_hpa_and_keda_together() -> None:
+    assert HELM is not None
+    both = ["--set", "autoscaling.hpa.enabled=true", "--set", "autoscaling.keda.enabled=true"]
+    out = subprocess.run([HELM, "template", "cw", str(CHART), *both], capture_output=True, text=True, check=False)
+    assert out.returncode != 0
 
 
 def _docker_daemon() -> bool:
