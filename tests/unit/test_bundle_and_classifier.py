@@ -104,3 +104,15 @@ def test_long_documents_are_chunked_not_truncated(tmp_path: Path) -> None:
     truncated = c.predict(["the " * 6])[0]
     assert dict(pred[0].top_k)["weather"] > dict(truncated.top_k).get("weather", 0.0) + 0.05
     assert pred[1].label == "weather"
+
+
+def test_sub_batches_keep_short_texts_away_from_long_ones_and_respect_the_budget(bundle_dir: Path) -> None:
+    c = Classifier(load_bundle(bundle_dir), token_budget=600)
+    texts = ["rain"] * 100 + ["balance " * 40] * 100  # 3 and 42 tokens
+    encoded = c.encode(texts)
+    groups = list(c._sub_batches(encoded.chunks))
+    assert sorted(i for g in groups for i in g) == list(range(200)), "every chunk exactly once"
+    for g in groups:
+        widths = {len(encoded.chunks[i].ids) for i in g}
+        assert len(widths) == 1, "a 3-token query padded to 42 tokens wastes 93% of the call"
+        assert len(g) * max(widths) <= 600

@@ -22,6 +22,9 @@ from worker.model.bundle import Bundle
 
 #: Above this many rows a sub-batch stops paying off even for very short queries.
 MAX_ROWS = 256
+#: The fixed cost of one onnxruntime call, in padded tokens: measured on 2 cores with the
+#: default model, 16..64 all gave about twice the throughput of one call per micro-batch.
+CALL_OVERHEAD_TOKENS = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,16 +167,36 @@ class Classifier:
         return sums
 
     def _sub_batches(self, chunks: list[Encoding]) -> Iterator[list[int]]:
+        """Cut the length-sorted chunks into sub-batches that minimise padded tokens plus a fixed
+        cost per inference call, under the token budget and row cap.
+
+        One call per micro-batch pads 250 queries of 4..24 tokens to 24: measured here, that
+        halved throughput. Dynamic programming over the distinct widths finds the cheapest cuts."""
         order = sorted(range(len(chunks)), key=lambda i: len(chunks[i].ids))
-        batch: list[int] = []
-        for i in order:
-            width = len(chunks[i].ids)  # the longest so far: `order` is ascending
-            if batch and ((len(batch) + 1) * width > self.token_budget or len(batch) >= MAX_ROWS):
-                yield batch
-                batch = []
-            batch.append(i)
-        if batch:
-            yield batch
+        widths = [len(chunks[i].ids) for i in order]
+        cuts = [0] + [i for i in range(1, len(widths)) if widths[i] != widths[i - 1]] + [len(widths)]
+        best = [0.0] + [float("inf")] * (len(cuts) - 1)
+        prev = [0] * len(cuts)
+        for j in range(1, len(cuts)):
+            width = widths[cuts[j] - 1]
+            for i in range(j - 1, -1, -1):
+                rows = cuts[j] - cuts[i]
+                if rows > MAX_ROWS or rows * width > self.token_budget:
+                    break  # earlier cuts only add rows
+                cost = best[i] + CALL_OVERHEAD_TOKENS + rows * width
+                if cost < best[j]:
+                    best[j], prev[j] = cost, i
+            if best[j] == float("inf"):  # one width alone exceeds the caps: split it by rows
+                best[j], prev[j] = best[j - 1] + CALL_OVERHEAD_TOKENS + (cuts[j] - cuts[j - 1]) * width, j - 1
+        groups = []
+        j = len(cuts) - 1
+        while j > 0:
+            groups.append(order[cuts[prev[j]] : cuts[j]])
+            j = prev[j]
+        for group in reversed(groups):
+            step = max(1, min(MAX_ROWS, self.token_budget // max(1, len(chunks[group[-1]].ids))))
+            for start in range(0, len(group), step):
+                yield group[start : start + step]
 
     def _run(self, encs: Sequence[Encoding]) -> np.ndarray:
         width = max(len(e.ids) for e in encs)
