@@ -69,19 +69,19 @@ class FaustClassifier:
         self._topics: dict[str, faust.TopicT] = {}
         self._source = self._raw_topic(settings.topics.input)
         self.agent = app.agent(self._source, name="classify-worker")(self._classify)
-        app.on_partitions_assigned.connect(self._on_assigned)
-        app.on_partitions_revoked.connect(self._on_revoked)
+        app.on_partitions_assigned.connect(self._on_assigned)  # type: ignore[arg-type]  # mode's stub is narrower
+        app.on_partitions_revoked.connect(self._on_revoked)  # type: ignore[arg-type]
 
     def _mine(self, tps: Any) -> list[tuple[str, int]]:
         return sorted((tp.topic, tp.partition) for tp in tps if tp.topic == self.settings.topics.input)
 
-    async def _on_assigned(self, _sender: Any, assigned: Any, **_: Any) -> None:
-        mine = self._mine(assigned)
+    async def _on_assigned(self, _sender: Any, *args: Any, **_: Any) -> None:
+        mine = self._mine(args[0])
         log.info("partitions assigned", extra={"partitions": [p for _, p in mine]})
         self.hooks.on_assign(mine)
 
-    async def _on_revoked(self, _sender: Any, revoked: Any, **_: Any) -> None:
-        mine = self._mine(revoked)
+    async def _on_revoked(self, _sender: Any, *args: Any, **_: Any) -> None:
+        mine = self._mine(args[0])
         log.info("partitions revoked", extra={"partitions": [p for _, p in mine]})
         self.hooks.on_revoke(mine)
 
@@ -94,7 +94,7 @@ class FaustClassifier:
             self._topics[name] = self._raw_topic(name)
         return self._topics[name]
 
-    async def _classify(self, stream: faust.StreamT[bytes]) -> None:
+    async def _classify(self, stream: Any) -> None:  # faust.Stream: take_events is not on StreamT
         batch = self.settings.batch
         async for events in stream.take_events(batch.max_items, within=batch.max_wait_ms / 1000 or 0.001):
             self.hooks.on_loop()
