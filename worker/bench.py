@@ -28,7 +28,7 @@ from prometheus_client import CollectorRegistry
 from rich.console import Console
 from rich.table import Table
 
-from worker.config import load_settings
+from worker.config import Settings, load_settings
 from worker.demo import read_outputs
 from worker.demo_traffic import QUERIES, paced
 from worker.devbroker import DevBroker, free_port
@@ -149,24 +149,29 @@ def faust_end_to_end(bootstrap: str, texts: list[str], bundle: Path, workdir: Pa
         import faust  # noqa: F401
     except ImportError:
         return None
-    tag = uuid.uuid4().hex[:8]
-    conf = _topics_env(bootstrap, tag)
-    settings = load_settings(**conf, model={"path": bundle})
-    from worker.routing import Router
-    from worker.topics import ensure_for
-
-    b = load_bundle(bundle)
-    router = Router(b.routes, b.labels, settings)
-    ensure_for(settings, router)
+    tag, env, settings, outputs = _fresh_deployment(bootstrap, bundle)
     n = _produce(bootstrap, settings.topics.input, texts)
-    env = _worker_env(bootstrap, conf, bundle)
     log = workdir / f"faust-{tag}.log"
     with _worker_process(env, log, "--engine", "faust"):
         _wait_assigned(log)
         started = time.time()
-        seen = read_outputs(bootstrap, [*router.topics(), settings.topics.dlq], expect=n, timeout_s=300, quiet_s=0.5)
+        seen = read_outputs(bootstrap, outputs, expect=n, timeout_s=300, quiet_s=0.5)
     seconds = max(o.seen_at for o in seen) - started
     return {"messages": n, "received": len(seen), "items_per_s": n / max(seconds, 1e-9), "seconds": seconds}
+
+
+def _fresh_deployment(bootstrap: str, bundle: Path) -> tuple[str, dict[str, str], Settings, list[str]]:
+    """Run-specific topics, created: (tag, the worker subprocess's env, settings, output topics)."""
+    from worker.routing import Router
+    from worker.topics import ensure_for
+
+    tag = uuid.uuid4().hex[:8]
+    conf = _topics_env(bootstrap, tag)
+    settings = load_settings(**conf, model={"path": bundle})
+    b = load_bundle(bundle)
+    router = Router(b.routes, b.labels, settings)
+    ensure_for(settings, router)
+    return tag, _worker_env(bootstrap, conf, bundle), settings, [*router.topics(), settings.topics.dlq]
 
 
 def _worker_env(bootstrap: str, conf: dict[str, Any], bundle: Path) -> dict[str, str]:
@@ -222,17 +227,7 @@ def latency_under_load(
 def _latency_at(
     bootstrap: str, texts: list[str], bundle: Path, rate: float, duration: float, workdir: Path
 ) -> dict[str, Any]:
-    from worker.routing import Router
-    from worker.topics import ensure_for
-
-    tag = uuid.uuid4().hex[:8]
-    conf = _topics_env(bootstrap, tag)
-    env = _worker_env(bootstrap, conf, bundle)
-    settings = load_settings(**conf, model={"path": bundle})
-    b = load_bundle(bundle)
-    router = Router(b.routes, b.labels, settings)
-    ensure_for(settings, router)
-    outputs = [*router.topics(), settings.topics.dlq]
+    tag, env, settings, outputs = _fresh_deployment(bootstrap, bundle)
     log = workdir / f"latency-{tag}.log"
     sent_at: dict[bytes, float] = {}
     with _worker_process(env, log):
