@@ -196,6 +196,10 @@ def train(
     ] = 1.0,
     name: Annotated[str | None, typer.Option(help="Model name in route.model (default: the out dir name).")] = None,
     save_torch: Annotated[Path | None, typer.Option(help="Also save the PyTorch checkpoint here.")] = None,
+    average: Annotated[
+        list[Path] | None,
+        typer.Option(help="Instead of fitting, average these --save-torch checkpoints (repeat the option)."),
+    ] = None,
 ) -> None:
     """Fine-tune, export to ONNX, quantize to int8, check parity, evaluate: a complete bundle. Needs [train]."""
     with _errors():
@@ -225,6 +229,7 @@ def train(
             oos_weight=oos_weight,
             name=name,
             save_torch=save_torch,
+            average_of=average,
         )
         _print_metrics(result["test"], title=f"{result['model']} on held-out data")
 

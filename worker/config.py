@@ -74,11 +74,18 @@ class LimitSettings(_Section):
     max_output_bytes: int = Field(default=1_000_000, ge=1024)
 
 
+#: Tokens per inference call: a single-threaded call on a few hundred tokens keeps its activations
+#: in the core's L2 cache: 256 measured best, 1,024+ about 15% slower (bench/NOTES.md).
+DEFAULT_TOKEN_BUDGET = 256
+
+
 class ModelSettings(_Section):
     #: A bundle directory; None means the model shipped inside the package.
     path: Path | None = None
     #: Tokens per inference call; bounds memory and keeps padding waste low.
-    token_budget: int = Field(default=8192, ge=64)
+    token_budget: int = Field(default=DEFAULT_TOKEN_BUDGET, ge=64)
+    #: Concurrent single-threaded inference calls; None = the CPUs this process may use.
+    threads: int | None = Field(default=None, ge=1, le=256)
     top_k: int = Field(default=3, ge=1, le=50)
     #: Overlap between chunks of a document longer than the model's max length.
     stride: int = Field(default=32, ge=0)

@@ -47,8 +47,11 @@ class Route(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     category: str = Field(description="Category of the top label, also when the item fell back.")
+    category_score: float = Field(
+        ge=0.0, le=1.0, description="Summed probability of the labels in `category`: what the threshold is compared with."
+    )
     label: str
-    score: float = Field(ge=0.0, le=1.0)
+    score: float = Field(ge=0.0, le=1.0, description="Probability of the top label.")
     top_k: list[ScoredLabel]
     model: str = Field(description="Model name and content-hash version, e.g. 'clinc150-minilm@3f2a…'.")
     fallback: bool

@@ -118,16 +118,19 @@ class Pipeline:
             except DecodeError as e:
                 slots.append(dead_letter(record, self.dlq_topic, e.reason, e.message))
         started = time.perf_counter()
-        predictions = self.classifier.predict([v.text for _, v in valid])
+        probs = self.classifier.predict_proba([v.text for _, v in valid])
         inference_seconds = time.perf_counter() - started
-        for (slot, item), prediction in zip(valid, predictions, strict=True):
-            slots[slot] = self._routed(item, prediction)
+        predictions = self.classifier.predictions(probs)
+        category_scores = self.router.category_scores(probs).tolist()
+        for (slot, item), prediction, category_score in zip(valid, predictions, category_scores, strict=True):
+            slots[slot] = self._routed(item, prediction, category_score)
         return Outcome([s for s in slots if s is not None], inference_seconds)
 
-    def _routed(self, item: _Valid, prediction: Prediction) -> Outgoing:
-        decision = self.router.route(prediction)
+    def _routed(self, item: _Valid, prediction: Prediction, category_score: float) -> Outgoing:
+        decision = self.router.route(prediction.label, category_score)
         route: dict[str, Any] = {
             "category": decision.category,
+            "category_score": round(category_score, 6),
             "label": prediction.label,
             "score": round(prediction.score, 6),
             "top_k": [{"label": label, "score": round(score, 6)} for label, score in prediction.top_k],
@@ -160,9 +163,8 @@ class Pipeline:
 def build_pipeline(settings: Settings) -> Pipeline:
     """Load the bundle named by the settings and wire classifier, router and pipeline."""
     bundle = load_bundle(settings.model.path)
-    classifier = Classifier(
-        bundle, token_budget=settings.model.token_budget, top_k=settings.model.top_k, stride=settings.model.stride
-    )
+    m = settings.model
+    classifier = Classifier(bundle, token_budget=m.token_budget, top_k=m.top_k, stride=m.stride, threads=m.threads)
     router = Router(bundle.routes, bundle.labels, settings)
     return Pipeline(
         classifier,

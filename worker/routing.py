@@ -1,7 +1,11 @@
 """Label → category → topic, and the decision to fall back.
 
 A prediction falls back when its label is one the bundle marks as out-of-scope, or when its
-score is under the threshold (the settings' override, else the bundle's own).
+category's probability is under the threshold (the settings' override, else the bundle's own).
+The threshold is compared with the summed probability of every label in the top label's
+category, not with the top label's own: a query split between two intents of one category
+(a balance question that is either `balance` or `bill_balance`) still routes with confidence.
+On CLINC150 that choice is worth +1.0 point of routing accuracy (README, model card).
 """
 
 from __future__ import annotations
@@ -10,9 +14,10 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
+
 from worker.config import Settings
 from worker.model.bundle import RouteTable
-from worker.model.classifier import Prediction
 
 #: Kafka's legal topic characters and length (`kafka.common.internals.Topic`).
 _ILLEGAL = re.compile(r"[^a-zA-Z0-9._-]")
@@ -41,6 +46,11 @@ class Router:
         self.fallback_topic = settings.topics.fallback
         self._fallback_labels = table.fallback_labels
         self._category = {label: table.categories.get(label, label) for label in labels}
+        names = sorted(set(self._category.values()))
+        self._label_category = np.array([names.index(self._category[lb]) for lb in labels], dtype=np.intp)
+        #: label × category membership: probabilities @ membership = probability per category
+        self._membership = np.zeros((len(labels), len(names)), dtype=np.float32)
+        self._membership[np.arange(len(labels)), self._label_category] = 1.0
         self._topic = {
             cat: (settings.topics.prefix + sanitize_topic_part(cat))[:MAX_TOPIC_LENGTH]
             for cat in set(self._category.values())
@@ -57,10 +67,18 @@ class Router:
     def categories(self) -> list[str]:
         return sorted({c for lb, c in self._category.items() if lb not in self._fallback_labels})
 
-    def route(self, prediction: Prediction) -> Decision:
-        category = self.category_of(prediction.label)
-        if prediction.label in self._fallback_labels:
+    def category_scores(self, probs: np.ndarray) -> np.ndarray:
+        """Per row of label probabilities: the summed probability of the top label's category."""
+        if not len(probs):
+            return np.zeros(0, dtype=np.float32)
+        per_category = probs @ self._membership
+        top = self._label_category[probs.argmax(axis=1)]
+        return np.minimum(per_category[np.arange(len(probs)), top], 1.0)
+
+    def route(self, label: str, category_score: float) -> Decision:
+        category = self.category_of(label)
+        if label in self._fallback_labels:
             return Decision(self.fallback_topic, category, True, "fallback_label")
-        if prediction.score < self.threshold:
+        if category_score < self.threshold:
             return Decision(self.fallback_topic, category, True, "low_confidence")
         return Decision(self._topic[category], category, False, None)

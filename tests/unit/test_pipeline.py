@@ -99,11 +99,18 @@ def test_utf8_bom_is_tolerated(pipeline: Pipeline) -> None:
 
 
 def test_out_of_scope_and_low_confidence_go_to_fallback(pipeline: Pipeline) -> None:
-    outs = pipeline.process([rec(b'{"text": "tell me a joke"}'), rec(b'{"text": "flight hotel"}', 1)]).outgoing
+    outs = pipeline.process([rec(b'{"text": "tell me a joke"}'), rec(b'{"text": "flight transfer"}', 1)]).outgoing
     bodies = [orjson.loads(o.value)["route"] for o in outs]
     assert [o.topic for o in outs] == ["routed.fallback", "routed.fallback"]
     assert [(b["fallback"], b["reason"]) for b in bodies] == [(True, "fallback_label"), (True, "low_confidence")]
     assert [o.kind for o in outs] == ["fallback", "fallback"]
+
+
+def test_a_query_torn_between_two_labels_of_one_category_routes_on_the_category_score(pipeline: Pipeline) -> None:
+    (out,) = pipeline.process([rec(b'{"text": "flight hotel"}')]).outgoing
+    route = orjson.loads(out.value)["route"]
+    assert route["score"] < 0.6 <= route["category_score"], route
+    assert (out.topic, route["category"], route["fallback"]) == ("routed.travel", "travel", False)
 
 
 def test_output_over_the_size_limit_is_dead_lettered(tmp_path: Path) -> None:
@@ -125,9 +132,9 @@ def test_one_output_per_input_in_input_order(pipeline: Pipeline) -> None:
 
 
 def test_classifier_failure_fails_the_whole_batch(pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch) -> None:
-    def boom(texts: list[str]) -> list[object]:
+    def boom(texts: list[str]) -> object:
         raise InferenceError("simulated")
 
-    monkeypatch.setattr(pipeline.classifier, "predict", boom)
+    monkeypatch.setattr(pipeline.classifier, "predict_proba", boom)
     with pytest.raises(InferenceError):
         pipeline.process([rec(b'{"text": "rain"}')])

@@ -3,13 +3,14 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.support.tiny_model import build_bundle
+from tests.support.tiny_model import LABELS, build_bundle
 from worker.config import load_settings
-from worker.model import Prediction, load_bundle
+from worker.model import load_bundle
 from worker.routing import Router, sanitize_topic_part
 
 
@@ -19,36 +20,32 @@ def router(tmp_path: Path) -> Router:
     return Router(b.routes, b.labels, load_settings())
 
 
-def _p(label: str, score: float) -> Prediction:
-    return Prediction(label, score, ((label, score),))
-
-
 def test_label_maps_to_its_category_topic(router: Router) -> None:
-    d = router.route(_p("transfer", 0.9))
+    d = router.route("transfer", 0.9)
     assert (d.topic, d.category, d.fallback, d.reason) == ("routed.banking", "banking", False, None)
 
 
 def test_low_score_falls_back_with_reason(router: Router) -> None:
-    d = router.route(_p("hotel", 0.59))
+    d = router.route("hotel", 0.59)
     assert (d.topic, d.category, d.fallback, d.reason) == ("routed.fallback", "travel", True, "low_confidence")
-    assert not router.route(_p("hotel", 0.6)).fallback, "a score equal to the threshold is confident enough"
+    assert not router.route("hotel", 0.6).fallback, "a score equal to the threshold is confident enough"
 
 
 def test_fallback_label_always_falls_back(router: Router) -> None:
-    d = router.route(_p("oos", 0.99))
+    d = router.route("oos", 0.99)
     assert (d.topic, d.fallback, d.reason) == ("routed.fallback", True, "fallback_label")
 
 
 def test_settings_threshold_overrides_the_bundle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CW_ROUTING__THRESHOLD", "0.95")
     b = load_bundle(build_bundle(tmp_path / "b", threshold=0.1))
-    assert Router(b.routes, b.labels, load_settings()).route(_p("hotel", 0.9)).reason == "low_confidence"
+    assert Router(b.routes, b.labels, load_settings()).route("hotel", 0.9).reason == "low_confidence"
 
 
 def test_without_routes_labels_are_their_own_categories(tmp_path: Path) -> None:
     b = load_bundle(build_bundle(tmp_path / "b", routes=False))
     r = Router(b.routes, b.labels, load_settings())
-    assert r.route(_p("hotel", 0.01)).topic == "routed.hotel"
+    assert r.route("hotel", 0.01).topic == "routed.hotel"
     assert "routed.oos" in r.topics()
 
 
@@ -66,3 +63,22 @@ def test_sanitized_names_are_legal_kafka_topic_parts(name: str) -> None:
 def test_sanitize_keeps_legal_names_and_replaces_illegal_characters() -> None:
     assert sanitize_topic_part("credit_cards") == "credit_cards"
     assert sanitize_topic_part("Small Talk/chit-chat") == "Small_Talk_chit-chat"
+
+
+def _probs(**by_label: float) -> np.ndarray:
+    return np.array([[by_label.get(label, 0.0) for label in LABELS]], dtype=np.float32)
+
+
+def test_category_score_sums_every_label_of_the_top_labels_category(router: Router) -> None:
+    split_within_banking = _probs(balance=0.45, transfer=0.40, hotel=0.15)
+    assert router.category_scores(split_within_banking)[0] == pytest.approx(0.85)
+    split_across = _probs(balance=0.45, hotel=0.40, transfer=0.15)
+    assert router.category_scores(split_across)[0] == pytest.approx(0.60)
+    assert router.category_scores(_probs(oos=0.7, weather=0.3))[0] == pytest.approx(0.7), "oos is its own group"
+    assert router.category_scores(np.zeros((0, len(LABELS)), dtype=np.float32)).shape == (0,)
+
+
+def test_a_query_split_between_two_labels_of_one_category_still_routes(router: Router) -> None:
+    probs = _probs(balance=0.45, transfer=0.40, hotel=0.15)  # top label alone is under the 0.6 threshold
+    d = router.route("balance", float(router.category_scores(probs)[0]))
+    assert (d.topic, d.fallback) == ("routed.banking", False)

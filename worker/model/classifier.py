@@ -1,15 +1,18 @@
 """Batch text classification with `tokenizers` + onnxruntime, shaped for CPU throughput.
 
 A micro-batch is tokenized once, sorted by token length and cut into sub-batches under a token
-budget, so a single long document does not pad a hundred short queries to its length. Texts
-longer than the model's limit are split into overlapping chunks whose probabilities are averaged
-instead of being silently truncated.
+budget, so a single long document does not pad a hundred short queries to its length. The
+sub-batches run concurrently on single-threaded onnxruntime calls, one per core: for a small
+encoder on short texts, onnxruntime's intra-op threads spend more time synchronising than
+computing (measured in bench/NOTES.md). Texts longer than the model's limit are split into
+overlapping chunks whose probabilities are averaged instead of being silently truncated.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +20,7 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Encoding, Tokenizer
 
+from worker.config import DEFAULT_TOKEN_BUDGET
 from worker.errors import InferenceError, ModelError
 from worker.model.bundle import Bundle
 
@@ -25,6 +29,7 @@ MAX_ROWS = 256
 #: The fixed cost of one onnxruntime call, in padded tokens: measured on 2 cores with the
 #: default model, 16..64 all gave about twice the throughput of one call per micro-batch.
 CALL_OVERHEAD_TOKENS = 32
+
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,10 +60,11 @@ def usable_cores() -> int:
     return max(1, cores)
 
 
-def _session(path: Path, threads: int) -> ort.InferenceSession:
+def _session(path: Path) -> ort.InferenceSession:
+    """Single-threaded calls: the classifier runs one per core concurrently (`run` is thread-safe)."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.intra_op_num_threads = threads
+    opts.intra_op_num_threads = 1
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     try:
@@ -86,13 +92,13 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 
 class Classifier:
-    """Thread-compatible, not thread-safe: one per worker loop (onnxruntime parallelizes inside)."""
+    """One per worker loop; it runs up to `threads` inference calls at once on its own pool."""
 
     def __init__(
         self,
         bundle: Bundle,
         *,
-        token_budget: int = 8192,
+        token_budget: int = DEFAULT_TOKEN_BUDGET,
         top_k: int = 3,
         stride: int = 32,
         threads: int | None = None,
@@ -102,7 +108,9 @@ class Classifier:
         self.top_k = min(top_k, len(bundle.labels))
         self.token_budget = max(token_budget, bundle.max_length)
         self._tok = _tokenizer(bundle.tokenizer_file, bundle.max_length, stride)
-        self._session = _session(bundle.model_file, threads or usable_cores())
+        self._session = _session(bundle.model_file)
+        self.threads = threads or usable_cores()
+        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="infer") if self.threads > 1 else None
         self._inputs = {i.name for i in self._session.get_inputs()}
         if "input_ids" not in self._inputs:
             raise ModelError(f"{bundle.model_file}: graph has no 'input_ids' input ({sorted(self._inputs)})")
@@ -121,7 +129,10 @@ class Classifier:
             )
 
     def predict(self, texts: Sequence[str]) -> list[Prediction]:
-        probs = self.predict_proba(texts)
+        return self.predictions(self.predict_proba(texts))
+
+    def predictions(self, probs: np.ndarray) -> list[Prediction]:
+        """Top label and top-k of each row of `predict_proba`'s output."""
         if not len(probs):
             return []
         k = self.top_k
@@ -156,8 +167,13 @@ class Classifier:
         if n == 0:
             return np.zeros((0, len(self.labels)), dtype=np.float32)
         chunk_probs = np.empty((len(chunks), len(self.labels)), dtype=np.float32)
-        for idx in self._sub_batches(chunks):
-            chunk_probs[idx] = self._run([chunks[i] for i in idx])
+        groups = self._spread(list(self._sub_batches(chunks)))
+        if self._pool is None or len(groups) == 1:
+            results = map(self._run_group, [chunks] * len(groups), groups)
+        else:
+            results = self._pool.map(self._run_group, [chunks] * len(groups), groups)
+        for idx, probs in zip(groups, results, strict=True):
+            chunk_probs[idx] = probs
         if len(chunks) == n:
             return chunk_probs
         sums = np.zeros((n, len(self.labels)), dtype=np.float32)
@@ -197,6 +213,19 @@ class Classifier:
             step = max(1, min(MAX_ROWS, self.token_budget // max(1, len(chunks[group[-1]].ids))))
             for start in range(0, len(group), step):
                 yield group[start : start + step]
+
+    def _spread(self, groups: list[list[int]]) -> list[list[int]]:
+        """Largest sub-batches first, so the pool's threads finish together; a batch with fewer
+        sub-batches than threads is split by rows, so a handful of queries still uses every core."""
+        groups.sort(key=len, reverse=True)
+        while self._pool is not None and len(groups) < self.threads and len(groups[0]) > 1:
+            big = groups.pop(0)
+            groups[:0] = [big[: len(big) // 2], big[len(big) // 2 :]]
+            groups.sort(key=len, reverse=True)
+        return groups
+
+    def _run_group(self, chunks: list[Encoding], idx: list[int]) -> np.ndarray:
+        return self._run([chunks[i] for i in idx])
 
     def _run(self, encs: Sequence[Encoding]) -> np.ndarray:
         width = max(len(e.ids) for e in encs)

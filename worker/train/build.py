@@ -21,13 +21,15 @@ from worker.model.classifier import Classifier
 from worker.routing import Router
 from worker.train import evaluate
 from worker.train.data import CLINC_OOS, Splits, load, load_categories
-from worker.train.export import check_parity, export, quantize
-from worker.train.finetune import FitConfig, fit, seed_everything
+from worker.train.export import check_parity, export, fuse, quantize
+from worker.train.finetune import FitConfig, average, fit, seed_everything
 
 log = logging.getLogger(__name__)
 
 #: Enough held-out texts to catch an export or quantization fault, few enough to take seconds.
 PARITY_TEXTS = 1000
+#: Written next to a `--save-torch` checkpoint, so a model averaged from it can say how it was made.
+FIT_RECORD = "fit.json"
 
 
 def default_base() -> Path:
@@ -53,7 +55,10 @@ def train_bundle(
     name: str | None = None,
     max_length: int = 128,
     save_torch: Path | None = None,
+    average_of: list[Path] | None = None,
 ) -> dict[str, Any]:
+    """Fit (or, with `average_of`, average already fitted checkpoints), export, quantize, check,
+    choose the threshold on validation, evaluate, and write the bundle into `out`."""
     fit_cfg = fit_cfg or FitConfig()
     splits = load(data, seed=fit_cfg.seed)
     labels = splits.labels
@@ -64,24 +69,30 @@ def train_bundle(
     categories = {lb: c for lb, c in categories.items() if lb in labels and lb not in fallback}
 
     started = time.perf_counter()
-    model, tok = fit(base, splits.train, labels, fit_cfg, frozenset(fallback))
-    fit_seconds = time.perf_counter() - started
+    if average_of:
+        model, tok = average(average_of, labels)
+        fit_record: dict[str, Any] = {"average_of": [_ingredient(p) for p in average_of]}
+    else:
+        model, tok = fit(base, splits.train, labels, fit_cfg, frozenset(fallback))
+        fit_record = {**asdict(fit_cfg), "seconds": round(time.perf_counter() - started, 1)}
     if save_torch:
         model.save_pretrained(save_torch)
         shutil.copy(base / "tokenizer.json", save_torch / "tokenizer.json")
+        _write_json(save_torch / FIT_RECORD, fit_record)
 
     out.mkdir(parents=True, exist_ok=True)
     held_out = [e.text for e in (splits.val or splits.train)][:PARITY_TEXTS]
     with tempfile.TemporaryDirectory() as tmp:
-        fp32 = Path(tmp) / "model.fp32.onnx"
-        export(model, tok, fp32)
-        quantize(fp32, out / "model.onnx")
-        parity = check_parity(model, tok, fp32, out / "model.onnx", held_out)
+        exported, fused = Path(tmp) / "model.fp32.onnx", Path(tmp) / "model.fused.onnx"
+        export(model, tok, exported)
+        fuse(exported, fused, model)
+        quantize(fused, out / "model.onnx")
+        parity = check_parity(model, tok, fused, out / "model.onnx", held_out)
 
     tok.no_truncation()
     tok.save(str(out / "tokenizer.json"))
     config = model.config.to_dict()
-    config.update({"name": name or out.name, "max_length": max_length})
+    config.update({"name": name or out.name, "max_length": max_length, "_name_or_path": base_name})
     _write_json(out / "config.json", config)
     routes: dict[str, Any] = {"categories": categories, "threshold": 0.0, "fallback_labels": fallback}
     _write_json(out / "routes.json", routes)
@@ -106,7 +117,7 @@ def train_bundle(
             "test": len(splits.test),
             "labels": len(labels),
         },
-        "fit": {**asdict(fit_cfg), "seconds": round(fit_seconds, 1)},
+        "fit": fit_record,
         "parity": asdict(parity),
         "threshold": {"value": routes["threshold"], "chosen_on": "val", "oos_weight": oos_weight},
         "validation": evaluate.metrics(val, routes["threshold"]),
@@ -115,6 +126,27 @@ def train_bundle(
     _write_json(out / "metrics.json", result)
     (out / "README.md").write_text(model_card(result, splits, categories), encoding="utf-8")
     return result
+
+
+def _ingredient(checkpoint: Path) -> dict[str, Any]:
+    record = checkpoint / FIT_RECORD
+    fit_cfg = json.loads(record.read_text(encoding="utf-8")) if record.is_file() else {}
+    return {"checkpoint": checkpoint.name, **fit_cfg}
+
+
+def _training(fit_cfg: dict[str, Any]) -> str:
+    def one(f: dict[str, Any]) -> str:
+        if "epochs" not in f:
+            return "(hyperparameters not recorded)"
+        return (
+            f"epochs {f['epochs']}, batch {f['batch_size']}, lr {f['lr']}, label smoothing {f['label_smoothing']}, "
+            f"out-of-scope loss weight {f['fallback_loss_weight']}, seed {f['seed']}; {f.get('seconds', '?')} s of fitting"
+        )
+
+    if "average_of" not in fit_cfg:
+        return one(fit_cfg) + "."
+    parts = [f"- `{f['checkpoint']}`: {one(f)}" for f in fit_cfg["average_of"]]
+    return "Uniform average of the weights of these fine-tuned checkpoints (a model soup):\n" + "\n".join(parts)
 
 
 def _pct(x: float | None) -> str:
@@ -130,7 +162,9 @@ def model_card(result: dict[str, Any], splits: Splits, categories: dict[str, str
 
 Sequence classifier fine-tuned from `{result["base"]}` on `{result["data"]["file"]}`
 ({result["data"]["train"]} training examples, {result["data"]["labels"]} labels, {n_categories} categories),
-exported to ONNX (opset 18) and quantized to int8 (onnxruntime dynamic quantization).
+exported to ONNX (opset 18), fused (onnxruntime transformer optimizer) and quantized to int8
+(onnxruntime dynamic quantization). The fallback threshold applies to the probability of the
+predicted category (the sum over its labels), not of the single top label.
 
 ## Evaluation ({t["examples"]} held-out examples: {t["in_scope"]} in scope, {t["out_of_scope"]} out of scope)
 
@@ -144,8 +178,8 @@ exported to ONNX (opset 18) and quantized to int8 (onnxruntime dynamic quantizat
 | items/s (this machine, while evaluating) | {t["items_per_s"]:.0f} |
 
 ## Training
-epochs {fit_cfg["epochs"]}, batch {fit_cfg["batch_size"]}, lr {fit_cfg["lr"]}, label smoothing
-{fit_cfg["label_smoothing"]}, seed {fit_cfg["seed"]}; {fit_cfg["seconds"]} s of fitting.
+{_training(fit_cfg)}
+
 ONNX parity with PyTorch on {result["parity"]["checked"]} held-out texts: fp32 max |Δp|
 {result["parity"]["fp32_max_abs_diff"]:.1e}; int8 argmax agreement {result["parity"]["int8_argmax_agreement"]:.2%}.
 """

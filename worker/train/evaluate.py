@@ -30,7 +30,7 @@ class Scored:
     gold_labels: list[str]
     gold_routes: np.ndarray  # route name per example ("fallback" or a category)
     top_labels: list[str]
-    top_scores: np.ndarray
+    route_scores: np.ndarray  # what the threshold is compared with: the top category's probability
     label_routes: np.ndarray  # route of the top label, ignoring the threshold
     items_per_s: float
 
@@ -51,14 +51,14 @@ def score(classifier: Classifier, router: Router, examples: Sequence[Example]) -
         gold_labels=[e.label for e in examples],
         gold_routes=np.array([gold_route(router, e.label, fallback_labels) for e in examples]),
         top_labels=labels,
-        top_scores=probs[np.arange(len(top)), top],
+        route_scores=router.category_scores(probs),
         label_routes=np.array([gold_route(router, lb, fallback_labels) for lb in labels]),
         items_per_s=len(texts) / elapsed if elapsed > 0 else float("inf"),
     )
 
 
 def routes_at(s: Scored, threshold: float) -> np.ndarray:
-    return np.where(s.top_scores < threshold, FALLBACK, s.label_routes)
+    return np.where(s.route_scores < threshold, FALLBACK, s.label_routes)
 
 
 def choose_threshold(s: Scored, oos_weight: float = 1.0) -> float:

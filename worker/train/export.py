@@ -1,5 +1,6 @@
 """Export a fine-tuned PyTorch classifier to ONNX (opset 18, dynamic batch and sequence axes),
-quantize it to int8 with onnxruntime's dynamic quantization, and check both against PyTorch.
+fuse it with onnxruntime's transformer optimizer, quantize it to int8 with onnxruntime's dynamic
+quantization, and check both against PyTorch.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 from onnxruntime.quantization import QuantType, quantize_dynamic
+from onnxruntime.transformers import optimizer
 from tokenizers import Tokenizer
 from transformers import PreTrainedModel
 
@@ -45,7 +47,10 @@ class Parity:
 
 def export(model: PreTrainedModel, tok: Tokenizer, fp32_path: Path) -> None:
     """The dynamo exporter: with transformers 5 the legacy TorchScript tracer produced graphs off
-    by ~1e-2 in logits here, the dynamo one matches PyTorch to ~1e-7."""
+    by ~1e-2 in logits here, the dynamo one matches PyTorch to ~1e-7. Eager attention, because
+    the SDPA path exports NaN guards (IsNaN/Where per layer) that block operator fusion."""
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation("eager")
     sample = encode_batch(tok, ["a short query", "a somewhat longer query to export with"])
     batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
     torch.onnx.export(
@@ -59,6 +64,24 @@ def export(model: PreTrainedModel, tok: Tokenizer, fp32_path: Path) -> None:
         dynamo=True,
         verbose=False,
     )
+
+
+def fuse(fp32_path: Path, fused_path: Path, model: PreTrainedModel) -> None:
+    """Skip+LayerNorm and Bias+GELU fusions: the same arithmetic in fewer kernels, which with
+    short queries is where the time goes (measured in bench/NOTES.md). Only BERT-family encoders
+    are known to the optimizer; other architectures are left as exported."""
+    cfg = model.config
+    if cfg.model_type not in ("bert", "roberta", "xlm-roberta", "distilbert", "electra"):
+        fused_path.write_bytes(fp32_path.read_bytes())
+        return
+    fused = optimizer.optimize_model(
+        str(fp32_path),
+        model_type="bert",
+        num_heads=cfg.num_attention_heads,
+        hidden_size=cfg.hidden_size,
+        opt_level=0,
+    )
+    fused.save_model_to_file(str(fused_path))
 
 
 def quantize(fp32_path: Path, int8_path: Path) -> None:

@@ -20,6 +20,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from tokenizers import Tokenizer
 from transformers import AutoModelForSequenceClassification, PreTrainedModel, get_linear_schedule_with_warmup
 
+from worker.errors import ModelError
 from worker.train.data import Example
 
 log = logging.getLogger(__name__)
@@ -153,6 +154,26 @@ def fit(
                 if step >= total:
                     break
     return model.eval().cpu(), tok
+
+
+def average(checkpoints: Sequence[Path], labels: list[str]) -> tuple[PreTrainedModel, Tokenizer]:
+    """A uniform "model soup" (Wortsman et al., ICML 2022): the mean of the weights of models
+    fine-tuned from one base with different hyperparameters. It costs one model at inference and,
+    on CLINC150, beat each of its ingredients on the validation split (README, model quality)."""
+    if not checkpoints:
+        raise ModelError("nothing to average: name at least one checkpoint")
+    models = [AutoModelForSequenceClassification.from_pretrained(str(c)) for c in checkpoints]
+    for path, m in zip(checkpoints, models, strict=True):
+        names = [m.config.id2label[i] for i in range(m.config.num_labels)]
+        if names != labels:
+            raise ModelError(f"{path}: its labels are not the data's labels in the same order; cannot average")
+    soup = models[0]
+    states = [m.state_dict() for m in models]
+    with torch.no_grad():
+        for name, tensor in soup.state_dict().items():
+            if tensor.is_floating_point():
+                tensor.copy_(torch.stack([state[name] for state in states]).mean(dim=0))
+    return soup.eval(), load_tokenizer(checkpoints[0])
 
 
 @torch.inference_mode()
