@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import cast
 
 import numpy as np
-from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -54,6 +54,7 @@ class Output:
     value: bytes | None
     headers: dict[str, bytes | None]
     seen_at: float  # reader wall clock: when a downstream consumer could act on it
+    timestamp_ms: int | None = None  # the message's own timestamp (set by the worker when it produced it)
 
 
 def read_outputs(
@@ -64,9 +65,11 @@ def read_outputs(
     quiet_s: float = 1.0,
     on_message: Callable[[Output], None] | None = None,
     start: dict[tuple[str, int], int] | None = None,
+    fetch_wait_ms: int | None = None,
 ) -> list[Output]:
     """Read every partition of `topics` with read_committed (from `start`, else the beginning)
-    until `expect` messages have arrived, then `quiet_s` more so duplicates and strays show up."""
+    until `expect` messages have arrived, then `quiet_s` more so duplicates and strays show up.
+    A longer `fetch_wait_ms` costs the broker fewer fetches and delays `seen_at` by up to that."""
     consumer = Consumer(
         {
             "bootstrap.servers": bootstrap,
@@ -74,6 +77,7 @@ def read_outputs(
             "isolation.level": "read_committed",
             "enable.auto.commit": False,
             **DevBroker.CLIENT_TUNING,
+            **({"fetch.wait.max.ms": fetch_wait_ms} if fetch_wait_ms is not None else {}),
         }
     )
     offsets = start if start is not None else {tp: 0 for tp in partitions(bootstrap, topics)}
@@ -93,7 +97,15 @@ def read_outputs(
                     if err.code() != KafkaError._PARTITION_EOF:
                         raise RuntimeError(f"reader error: {err.str()}")
                     continue
-                item = Output(m.topic() or "", m.key(), m.value(), dict(cast(Headers, m.headers() or [])), time.time())
+                ts_type, ts = m.timestamp()
+                item = Output(
+                    m.topic() or "",
+                    m.key(),
+                    m.value(),
+                    dict(cast(Headers, m.headers() or [])),
+                    time.time(),
+                    None if ts_type == TIMESTAMP_NOT_AVAILABLE else ts,
+                )
                 out.append(item)
                 if on_message:
                     on_message(item)

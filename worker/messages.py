@@ -48,7 +48,9 @@ class Route(BaseModel):
 
     category: str = Field(description="Category of the top label, also when the item fell back.")
     category_score: float = Field(
-        ge=0.0, le=1.0, description="Summed probability of the labels in `category`: what the threshold is compared with."
+        ge=0.0,
+        le=1.0,
+        description="Summed probability of the labels in `category`: what the threshold is compared with.",
     )
     label: str
     score: float = Field(ge=0.0, le=1.0, description="Probability of the top label.")

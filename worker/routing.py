@@ -48,7 +48,7 @@ class Router:
         self._category = {label: table.categories.get(label, label) for label in labels}
         names = sorted(set(self._category.values()))
         self._label_category = np.array([names.index(self._category[lb]) for lb in labels], dtype=np.intp)
-        #: label × category membership: probabilities @ membership = probability per category
+        #: label-by-category membership: probabilities @ membership = probability per category
         self._membership = np.zeros((len(labels), len(names)), dtype=np.float32)
         self._membership[np.arange(len(labels)), self._label_category] = 1.0
         self._topic = {
@@ -73,7 +73,8 @@ class Router:
             return np.zeros(0, dtype=np.float32)
         per_category = probs @ self._membership
         top = self._label_category[probs.argmax(axis=1)]
-        return np.minimum(per_category[np.arange(len(probs)), top], 1.0)
+        scores: np.ndarray = np.minimum(per_category[np.arange(len(probs)), top], 1.0)
+        return scores
 
     def route(self, label: str, category_score: float) -> Decision:
         category = self.category_of(label)

@@ -17,7 +17,7 @@ VALID = [
     ("need a hotel room for two", "travel"),
     ("is rain expected", "weather"),
     ("tell me something funny", "fallback"),
-    ("flight or hotel first", "fallback"),  # two keywords tie: low confidence
+    ("flight or transfer first", "fallback"),  # two categories tie: low confidence
 ]
 #: (value, expected dead-letter reason); ids travel in the key so malformed values stay findable.
 MALFORMED: list[tuple[bytes | None, str]] = [

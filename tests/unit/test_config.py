@@ -46,7 +46,7 @@ def test_defaults_match_the_documented_contract(monkeypatch: pytest.MonkeyPatch)
         "routed.fallback",
         "classify.dlq",
     )
-    assert (s.topics.partitions, s.topics.replication, s.batch.max_items, s.batch.max_wait_ms) == (6, 1, 256, 20)
+    assert (s.topics.partitions, s.topics.replication, s.batch.max_items, s.batch.max_wait_ms) == (6, 1, 256, 5)
     assert (s.model.path, s.routing.threshold, s.delivery, s.metrics.port) == (None, None, "exactly_once", 9108)
 
 

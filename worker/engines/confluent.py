@@ -51,6 +51,9 @@ CALL_TIMEOUT_S = 30.0
 TOPIC_CHECK_INTERVAL_S = 10.0
 #: How often lag is computed from watermarks and committed offsets.
 LAG_INTERVAL_S = 5.0
+#: Longest block waiting for the first message of a batch: bounds how late housekeeping and a
+#: stop request are noticed on an idle input topic.
+IDLE_POLL_S = 0.1
 
 
 class Backoff:
@@ -156,7 +159,6 @@ class ConfluentEngine:
     def _loop(self, max_messages: int | None, idle_exit_s: float | None) -> None:
         backoff = Backoff()
         last_message = time.monotonic()
-        wait_s = self.settings.batch.max_wait_ms / 1000
         while not self._should_stop():
             self.hooks.on_loop()
             self._report_lag()
@@ -164,7 +166,7 @@ class ConfluentEngine:
             want = self.settings.batch.max_items
             if max_messages is not None:
                 want = min(want, max_messages - self.processed)
-            records = self._records(self.consumer.consume(num_messages=want, timeout=max(wait_s, 0.001)))
+            records = self._records(self._take(want))
             if not records:
                 if idle_exit_s is not None and time.monotonic() - last_message > idle_exit_s:
                     log.info("idle, exiting", extra={"idle_exit_s": idle_exit_s, "processed": self.processed})
@@ -192,6 +194,21 @@ class ConfluentEngine:
         self.producer.flush(5.0)
 
     # -- one batch ---------------------------------------------------------------------------
+
+    def _take(self, want: int) -> list[Message]:
+        """A batch as soon as one message is there: the first message, then whatever else is
+        already fetched (up to `want`), waiting at most `batch.max_wait_ms` more for it to fill.
+
+        librdkafka's batch consume waits for its full timeout unless `want` messages arrive, so
+        a fixed fill wait would be added to every message's latency at low load; this way a
+        batch is as large as the backlog that built up while the previous one was processed."""
+        first = self.consumer.poll(IDLE_POLL_S)
+        if first is None:
+            return []
+        if want <= 1:
+            return [first]
+        fill_s = self.settings.batch.max_wait_ms / 1000
+        return [first, *self.consumer.consume(num_messages=want - 1, timeout=fill_s)]
 
     def _records(self, messages: list[Message]) -> list[Record]:
         records = []

@@ -11,7 +11,7 @@ overlapping chunks whose probabilities are averaged instead of being silently tr
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +29,6 @@ MAX_ROWS = 256
 #: The fixed cost of one onnxruntime call, in padded tokens: measured on 2 cores with the
 #: default model, 16..64 all gave about twice the throughput of one call per micro-batch.
 CALL_OVERHEAD_TOKENS = 32
-
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +167,7 @@ class Classifier:
             return np.zeros((0, len(self.labels)), dtype=np.float32)
         chunk_probs = np.empty((len(chunks), len(self.labels)), dtype=np.float32)
         groups = self._spread(list(self._sub_batches(chunks)))
+        results: Iterable[np.ndarray]
         if self._pool is None or len(groups) == 1:
             results = map(self._run_group, [chunks] * len(groups), groups)
         else:
