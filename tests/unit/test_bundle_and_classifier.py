@@ -95,6 +95,15 @@ def test_token_budget_sub_batching_does_not_change_results(bundle_dir: Path) -> 
     np.testing.assert_allclose(whole, split, rtol=1e-6)
 
 
+@pytest.mark.parametrize("threads", [2, 3, 8])
+def test_concurrent_inference_calls_give_the_sequential_results_in_input_order(bundle_dir: Path, threads: int) -> None:
+    texts = [("balance " * (i % 9)) + "rain " * (i % 5) + "flight " * (i % 3) + "x" for i in range(100)]
+    sequential = Classifier(load_bundle(bundle_dir), token_budget=64, threads=1).predict_proba(texts)
+    concurrent = Classifier(load_bundle(bundle_dir), token_budget=64, threads=threads)
+    np.testing.assert_allclose(concurrent.predict_proba(texts), sequential, rtol=1e-6)
+    assert len(concurrent._spread([[0, 1, 2]])) == min(threads, 3), "a small batch is split across the threads"
+
+
 def test_long_documents_are_chunked_not_truncated(tmp_path: Path) -> None:
     # max_length 8: 6 content tokens a chunk. The only keyword is far past the first chunk.
     c = Classifier(load_bundle(build_bundle(tmp_path / "b", max_length=8)), stride=2)
