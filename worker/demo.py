@@ -280,8 +280,8 @@ def _summary(
     console.print(topics)
 
     examples = Table(title="routed examples")
-    for col in ("text", "category", "label", "score"):
-        examples.add_column(col, justify="right" if col == "score" else "left")
+    for col in ("text", "category", "label", "cat/label score"):
+        examples.add_column(col, justify="right" if col.endswith("score") else "left")
     shown: set[str] = set()
     for o in steady:
         if o.topic != dlq and o.value and len(shown) < 8:
@@ -294,7 +294,7 @@ def _summary(
                     body["text"],
                     "fallback" if route["fallback"] else route["category"],
                     route["label"],
-                    f"{route['score']:.3f}",
+                    f"{route['category_score']:.3f}/{route['score']:.3f}",
                 )
     console.print(examples)
 
