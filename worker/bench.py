@@ -246,6 +246,14 @@ def _cpu_seconds(pid: int | None) -> float | None:
         return None
 
 
+def _cpu_snapshot(worker_pid: int, broker_pid: int | None) -> dict[str, float | None]:
+    return {
+        "worker": _cpu_seconds(worker_pid),
+        "broker": _cpu_seconds(broker_pid),
+        "load_generator": time.process_time(),  # this process: the producer thread and the reader
+    }
+
+
 def _latency_at(
     bootstrap: str,
     texts: list[str],
@@ -261,7 +269,7 @@ def _latency_at(
     sent_at: dict[bytes, float] = {}
     with _worker_process(env, log) as proc:
         _wait_assigned(log)
-        cpu_before = (_cpu_seconds(proc.pid), _cpu_seconds(broker_pid), time.process_time(), time.monotonic())
+        cpu_before, started = _cpu_snapshot(proc.pid, broker_pid), time.monotonic()
         producer = threading.Thread(
             target=lambda: sent_at.update(_timed_produce(bootstrap, settings.topics.input, texts, rate, duration))
         )
@@ -275,13 +283,11 @@ def _latency_at(
             fetch_wait_ms=READER_FETCH_WAIT_MS,
         )
         producer.join()
-        cpu_after = (_cpu_seconds(proc.pid), _cpu_seconds(broker_pid), time.process_time(), time.monotonic())
-    wall = cpu_after[3] - cpu_before[3]
-    names = ("worker", "broker", "load_generator")
-    cores = {
-        name: (after - before) / wall if before is not None and after is not None else None
-        for name, before, after in zip(names, cpu_before[:3], cpu_after[:3], strict=True)
-    }
+        cpu_after, wall = _cpu_snapshot(proc.pid, broker_pid), time.monotonic() - started
+    cores: dict[str, float | None] = {}
+    for name, before in cpu_before.items():
+        after = cpu_after[name]
+        cores[name] = None if before is None or after is None else (after - before) / wall
     mine = [(sent_at[o.key], o) for o in seen if o.key in sent_at and o.timestamp_ms is not None]
     routed = np.array([(o.timestamp_ms or 0) / 1000 - sent for sent, o in mine]) * 1000
     visible = np.array([o.seen_at - sent for sent, o in mine]) * 1000

@@ -51,10 +51,7 @@ class Router:
         #: label-by-category membership: probabilities @ membership = probability per category
         self._membership = np.zeros((len(labels), len(names)), dtype=np.float32)
         self._membership[np.arange(len(labels)), self._label_category] = 1.0
-        self._topic = {
-            cat: (settings.topics.prefix + sanitize_topic_part(cat))[:MAX_TOPIC_LENGTH]
-            for cat in set(self._category.values())
-        }
+        self._topic = {cat: (settings.topics.prefix + sanitize_topic_part(cat))[:MAX_TOPIC_LENGTH] for cat in names}
 
     def category_of(self, label: str) -> str:
         return self._category.get(label, label)

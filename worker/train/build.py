@@ -83,9 +83,9 @@ def train_bundle(
     out.mkdir(parents=True, exist_ok=True)
     held_out = [e.text for e in (splits.val or splits.train)][:PARITY_TEXTS]
     with tempfile.TemporaryDirectory() as tmp:
-        exported, fused = Path(tmp) / "model.fp32.onnx", Path(tmp) / "model.fused.onnx"
+        exported = Path(tmp) / "model.fp32.onnx"
         export(model, tok, exported)
-        fuse(exported, fused, model)
+        fused = fuse(exported, Path(tmp) / "model.fused.onnx", model)
         quantize(fused, out / "model.onnx")
         parity = check_parity(model, tok, fused, out / "model.onnx", held_out)
 

@@ -66,14 +66,14 @@ def export(model: PreTrainedModel, tok: Tokenizer, fp32_path: Path) -> None:
     )
 
 
-def fuse(fp32_path: Path, fused_path: Path, model: PreTrainedModel) -> None:
+def fuse(fp32_path: Path, fused_path: Path, model: PreTrainedModel) -> Path:
     """Skip+LayerNorm and Bias+GELU fusions: the same arithmetic in fewer kernels, which with
     short queries is where the time goes (measured in bench/NOTES.md). Only BERT-family encoders
-    are known to the optimizer; other architectures are left as exported."""
+    are known to the optimizer; for other architectures the export is returned as it is (its
+    weights may sit in an external data file next to it, so it is not copied)."""
     cfg = model.config
     if cfg.model_type not in ("bert", "roberta", "xlm-roberta", "distilbert", "electra"):
-        fused_path.write_bytes(fp32_path.read_bytes())
-        return
+        return fp32_path
     fused = optimizer.optimize_model(
         str(fp32_path),
         model_type="bert",
@@ -82,6 +82,7 @@ def fuse(fp32_path: Path, fused_path: Path, model: PreTrainedModel) -> None:
         opt_level=0,
     )
     fused.save_model_to_file(str(fused_path))
+    return fused_path
 
 
 def quantize(fp32_path: Path, int8_path: Path) -> None:
