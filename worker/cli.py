@@ -200,6 +200,10 @@ def train(
         list[Path] | None,
         typer.Option(help="Instead of fitting, average these --save-torch checkpoints (repeat the option)."),
     ] = None,
+    add_train: Annotated[
+        list[Path] | None,
+        typer.Option(help="CSV/JSONL examples added to the training split only, e.g. your own out-of-scope queries."),
+    ] = None,
 ) -> None:
     """Fine-tune, export to ONNX, quantize to int8, check parity, evaluate: a complete bundle. Needs [train]."""
     with _errors():
@@ -230,6 +234,7 @@ def train(
             name=name,
             save_torch=save_torch,
             average_of=average,
+            add_train=add_train,
         )
         _print_metrics(result["test"], title=f"{result['model']} on held-out data")
 

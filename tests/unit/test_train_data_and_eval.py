@@ -11,7 +11,7 @@ from worker.errors import DataError
 from worker.model import Classifier, load_bundle
 from worker.routing import Router
 from worker.train import evaluate
-from worker.train.data import Example, load, load_categories
+from worker.train.data import Example, load, load_categories, read_examples, with_extra_training
 
 
 def test_csv_and_jsonl_give_the_same_stratified_split(tmp_path: Path) -> None:
@@ -55,6 +55,20 @@ def test_bad_data_files_name_the_problem(tmp_path: Path, name: str, content: str
     (tmp_path / name).write_text(content)
     with pytest.raises(DataError, match=message):
         load(tmp_path / name)
+
+
+def test_added_examples_join_the_training_split_only_and_need_known_labels(tmp_path: Path) -> None:
+    rows = [(f"text {i}", "a" if i % 2 else "oos") for i in range(40)]
+    (tmp_path / "d.csv").write_text("text,label\n" + "".join(f"{t},{lb}\n" for t, lb in rows))
+    (tmp_path / "extra.jsonl").write_text('{"text": "who painted this", "label": "oos"}\n')
+    (tmp_path / "typo.jsonl").write_text('{"text": "who painted this", "label": "oss"}\n')
+    splits = load(tmp_path / "d.csv")
+    extra = read_examples(tmp_path / "extra.jsonl")
+    grown = with_extra_training(splits, extra, tmp_path / "extra.jsonl")
+    assert grown.train == [*splits.train, Example("who painted this", "oos")]
+    assert (grown.val, grown.test, grown.labels) == (splits.val, splits.test, splits.labels)
+    with pytest.raises(DataError, match=r"typo\.jsonl: labels not in the training data: oss"):
+        with_extra_training(splits, read_examples(tmp_path / "typo.jsonl"), tmp_path / "typo.jsonl")
 
 
 def test_categories_accept_both_layouts(tmp_path: Path) -> None:

@@ -41,6 +41,10 @@ def test_train_writes_a_bundle_the_worker_routes_with(tmp_path: Path) -> None:
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "cats.json").write_text('{"finance": ["pay_bill"], "travel": ["book_trip"]}')
+    extra = tmp_path / "extra_oos.jsonl"
+    extra.write_text(
+        "".join(json.dumps({"text": t, "label": "oos"}) + "\n" for t in ("hum a tune", "who wrote hamlet"))
+    )
     out = tmp_path / "bundle"
 
     result = CliRunner().invoke(
@@ -61,6 +65,8 @@ def test_train_writes_a_bundle_the_worker_routes_with(tmp_path: Path) -> None:
             str(tmp_path / "cats.json"),
             "--name",
             "syn",
+            "--add-train",
+            str(extra),
         ],
     )
     assert result.exit_code == 0, result.output
@@ -68,6 +74,8 @@ def test_train_writes_a_bundle_the_worker_routes_with(tmp_path: Path) -> None:
     for name in ("model.onnx", "tokenizer.json", "config.json", "routes.json", "metrics.json", "README.md"):
         assert (out / name).is_file(), f"bundle lacks {name}"
     metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["data"]["added_to_train"] == {"extra_oos.jsonl": 2}
+    assert metrics["data"]["train"] + metrics["data"]["val"] == len(rows) + 2, "added rows join training only"
     assert metrics["parity"]["fp32_max_abs_diff"] < 1e-3
     assert metrics["parity"]["int8_argmax_agreement"] >= 0.97
     routes = json.loads((out / "routes.json").read_text())

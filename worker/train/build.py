@@ -20,7 +20,7 @@ from worker.model.bundle import load_bundle
 from worker.model.classifier import Classifier
 from worker.routing import Router
 from worker.train import evaluate
-from worker.train.data import CLINC_OOS, Splits, load, load_categories
+from worker.train.data import CLINC_OOS, Splits, load, load_categories, read_examples, with_extra_training
 from worker.train.export import check_parity, export, fuse, quantize
 from worker.train.finetune import FitConfig, average, fit, seed_everything
 
@@ -56,11 +56,15 @@ def train_bundle(
     max_length: int = 128,
     save_torch: Path | None = None,
     average_of: list[Path] | None = None,
+    add_train: list[Path] | None = None,
 ) -> dict[str, Any]:
     """Fit (or, with `average_of`, average already fitted checkpoints), export, quantize, check,
     choose the threshold on validation, evaluate, and write the bundle into `out`."""
     fit_cfg = fit_cfg or FitConfig()
     splits = load(data, seed=fit_cfg.seed)
+    added = {p: read_examples(p) for p in add_train or []}
+    for path, extra in added.items():
+        splits = with_extra_training(splits, extra, path)
     labels = splits.labels
     base_name = base.name if base else "sentence-transformers/all-MiniLM-L6-v2"
     base = base or default_base()
@@ -116,6 +120,7 @@ def train_bundle(
             "val": len(splits.val),
             "test": len(splits.test),
             "labels": len(labels),
+            "added_to_train": {p.name: len(extra) for p, extra in added.items()},
         },
         "fit": fit_record,
         "parity": asdict(parity),
@@ -150,6 +155,10 @@ def _training(fit_cfg: dict[str, Any]) -> str:
     return "Uniform average of the weights of these fine-tuned checkpoints (a model soup):\n" + "\n".join(parts)
 
 
+def _added(files: dict[str, int]) -> str:
+    return "".join(f", {n} of them added from `{name}`" for name, n in files.items())
+
+
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.1%}"
 
@@ -159,10 +168,11 @@ def model_card(result: dict[str, Any], splits: Splits, categories: dict[str, str
     fit_cfg = result["fit"]
     n_categories = len(set(categories.values())) or len(splits.labels)
     oos_w = result["threshold"]["oos_weight"]
+    added = _added(result["data"].get("added_to_train", {}))
     return f"""# {result["model"]}
 
 Sequence classifier fine-tuned from `{result["base"]}` on `{result["data"]["file"]}`
-({result["data"]["train"]} training examples, {result["data"]["labels"]} labels, {n_categories} categories),
+({result["data"]["train"]} training examples{added}, {result["data"]["labels"]} labels, {n_categories} categories),
 exported to ONNX (opset 18), fused (onnxruntime transformer optimizer) and quantized to int8
 (onnxruntime dynamic quantization). The fallback threshold applies to the probability of the
 predicted category (the sum over its labels), not of the single top label.

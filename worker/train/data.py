@@ -91,10 +91,28 @@ def load(path: str | Path, val_fraction: float = 0.1, seed: int = 13) -> Splits:
         if isinstance(doc, dict) and "train" in doc:
             return _read_clinc(doc, p)
         raise DataError(f"{p}: a .json data file must have the CLINC150 layout (train/val/test keys)")
-    examples = _read_csv(p) if suffix == ".csv" else _read_jsonl(p)
+    return _split(read_examples(p), val_fraction, seed)
+
+
+def read_examples(path: str | Path) -> list[Example]:
+    """Every row of a CSV or JSONL file, unsplit: extra training examples such as
+    `--add-train`'s, which must never leak into validation or test."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{p}: no such file")
+    examples = _read_csv(p) if p.suffix.lower() == ".csv" else _read_jsonl(p)
     if not examples:
         raise DataError(f"{p}: no examples")
-    return _split(examples, val_fraction, seed)
+    return examples
+
+
+def with_extra_training(splits: Splits, extra: list[Example], source: Path) -> Splits:
+    """`splits` with `extra` appended to its training split only. Extra labels must already
+    exist in the data: a typo (`oss` for `oos`) would otherwise become a new label silently."""
+    unknown = sorted({e.label for e in extra} - set(splits.labels))
+    if unknown:
+        raise DataError(f"{source}: labels not in the training data: {', '.join(unknown[:5])}")
+    return Splits(splits.train + extra, splits.val, splits.test)
 
 
 def _split(examples: list[Example], val_fraction: float, seed: int) -> Splits:
