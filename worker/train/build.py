@@ -151,6 +151,9 @@ def _training(fit_cfg: dict[str, Any]) -> str:
 
     if "average_of" not in fit_cfg:
         return one(fit_cfg) + "."
+    if len(fit_cfg["average_of"]) == 1:  # `--average CKPT` alone packages one checkpoint as it is
+        (f,) = fit_cfg["average_of"]
+        return f"Fitted checkpoint `{f['checkpoint']}`: {one(f)}."
     parts = [f"- `{f['checkpoint']}`: {one(f)}" for f in fit_cfg["average_of"]]
     return "Uniform average of the weights of these fine-tuned checkpoints (a model soup):\n" + "\n".join(parts)
 
