@@ -171,7 +171,7 @@ def model_card(result: dict[str, Any], splits: Splits, categories: dict[str, str
     fit_cfg = result["fit"]
     n_categories = len(set(categories.values())) or len(splits.labels)
     oos_w = result["threshold"]["oos_weight"]
-    added = _added(result["data"].get("added_to_train", {}))
+    added = _added(result["data"]["added_to_train"])
     return f"""# {result["model"]}
 
 Sequence classifier fine-tuned from `{result["base"]}` on `{result["data"]["file"]}`
