@@ -204,8 +204,18 @@ def train(
         list[Path] | None,
         typer.Option(help="CSV/JSONL examples added to the training split only, e.g. your own out-of-scope queries."),
     ] = None,
+    threshold: Annotated[
+        float | None,
+        typer.Option(min=0.0, max=1.0, help="Fallback threshold to use instead of choosing one on validation."),
+    ] = None,
+    train_on_val: Annotated[
+        bool,
+        typer.Option(
+            help="Train on the validation split too (refit of a chosen recipe; needs --threshold and a test split)."
+        ),
+    ] = False,
 ) -> None:
-    """Fine-tune, export to ONNX, quantize to int8, check parity, evaluate: a complete bundle. Needs [train]."""
+    """Fine-tune, export to ONNX, quantize to int8, check parity, evaluate: a complete bundle. Needs the train extra."""
     with _errors():
         from worker.observability import configure_logging
 
@@ -235,6 +245,8 @@ def train(
             save_torch=save_torch,
             average_of=average,
             add_train=add_train,
+            threshold=threshold,
+            train_on_val=train_on_val,
         )
         _print_metrics(result["test"], title=f"{result['model']} on held-out data")
 

@@ -88,3 +88,48 @@ def test_train_writes_a_bundle_the_worker_routes_with(tmp_path: Path) -> None:
     texts = ["pay the electricity bill now", "book a flight to rome", "tell me a joke please"]
     outs = pipeline.process([Record(json.dumps({"text": t}).encode()) for t in texts]).outgoing
     assert [o.topic for o in outs] == ["routed.finance", "routed.travel", "routed.fallback"], [o.value for o in outs]
+
+
+def _clinc_layout(path: Path) -> Path:
+    """A tiny data set in CLINC150's layout: train / val / test plus their oos_ twins."""
+    rng = random.Random(5)
+
+    def rows(n: int) -> list[list[str]]:
+        return [[f"{rng.choice(PHRASES[lb])} {i}", lb] for i in range(n) for lb in ("pay_bill", "book_trip")]
+
+    doc = {"train": rows(12), "val": rows(4), "test": rows(4)}
+    for split, n in (("train", 4), ("val", 2), ("test", 2)):
+        doc[f"oos_{split}"] = [[f"{rng.choice(PHRASES['oos'])} {i}", "oos"] for i in range(n)]
+    path.write_text(json.dumps(doc))
+    return path
+
+
+@pytest.mark.slow
+def test_refit_on_validation_keeps_the_given_threshold_and_says_so(tmp_path: Path) -> None:
+    data = _clinc_layout(tmp_path / "tiny_clinc.json")
+    out = tmp_path / "refit"
+    args = ["train", "--data", str(data), "--out", str(out), "--epochs", "0", "--train-on-val"]
+
+    refused = CliRunner().invoke(app, args)
+    assert refused.exit_code != 0 and "--threshold" in refused.output, refused.output
+    assert not out.exists(), "nothing is written when the refit cannot be evaluated honestly"
+
+    result = CliRunner().invoke(app, [*args, "--threshold", "0.42"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["data"]["val_in_training"] is True
+    assert metrics["data"]["train"] == 2 * 12 + 4 + 2 * 4 + 2, "train and validation (with their oos) are trained on"
+    assert metrics["validation"] is None, "no validation figures for a model trained on validation"
+    assert metrics["threshold"]["value"] == 0.42 and metrics["threshold"]["chosen_on"] == "given"
+    assert json.loads((out / "routes.json").read_text())["threshold"] == 0.42
+    assert metrics["test"]["examples"] == 2 * 4 + 2
+    card = (out / "README.md").read_text()
+    assert "validation split included" in card and "given with --threshold" in card
+
+
+def test_refit_on_validation_needs_a_test_split(tmp_path: Path) -> None:
+    data = tmp_path / "plain.jsonl"
+    data.write_text("".join(json.dumps({"text": f"pay bill {i}", "label": "pay_bill"}) + "\n" for i in range(10)))
+    args = ["train", "--data", str(data), "--out", str(tmp_path / "x"), "--train-on-val", "--threshold", "0.5"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code != 0 and "test split" in result.output, result.output

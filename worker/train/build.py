@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from worker.config import Settings
+from worker.errors import DataError
 from worker.model.bundle import load_bundle
 from worker.model.classifier import Classifier
 from worker.routing import Router
@@ -57,14 +58,20 @@ def train_bundle(
     save_torch: Path | None = None,
     average_of: list[Path] | None = None,
     add_train: list[Path] | None = None,
+    threshold: float | None = None,
+    train_on_val: bool = False,
 ) -> dict[str, Any]:
     """Fit (or, with `average_of`, average already fitted checkpoints), export, quantize, check,
-    choose the threshold on validation, evaluate, and write the bundle into `out`."""
+    choose the threshold on validation (or take `threshold`), evaluate, and write the bundle into
+    `out`. `train_on_val` is the last step of model selection: once a recipe and its threshold
+    were chosen on validation, refit on validation too, so no labelled example is left unused."""
     fit_cfg = fit_cfg or FitConfig()
     splits = load(data, seed=fit_cfg.seed)
     added = {p: read_examples(p) for p in add_train or []}
     for path, extra in added.items():
         splits = with_extra_training(splits, extra, path)
+    if train_on_val:
+        splits = _with_val_in_training(splits, threshold)
     labels = splits.labels
     base_name = base.name if base else "sentence-transformers/all-MiniLM-L6-v2"
     base = base or default_base()
@@ -85,7 +92,7 @@ def train_bundle(
         _write_json(save_torch / FIT_RECORD, fit_record)
 
     out.mkdir(parents=True, exist_ok=True)
-    held_out = [e.text for e in (splits.val or splits.train)][:PARITY_TEXTS]
+    held_out = [e.text for e in (splits.val or splits.test or splits.train)][:PARITY_TEXTS]
     with tempfile.TemporaryDirectory() as tmp:
         exported = Path(tmp) / "model.fp32.onnx"
         export(model, tok, exported)
@@ -105,8 +112,12 @@ def train_bundle(
     bundle = load_bundle(out)
     classifier = Classifier(bundle)
     router = Router(bundle.routes, bundle.labels, Settings())
-    val = evaluate.score(classifier, router, splits.val or splits.train)
-    routes["threshold"] = evaluate.choose_threshold(val, oos_weight)
+    val = evaluate.score(classifier, router, splits.val) if splits.val else None
+    if threshold is not None:
+        routes["threshold"] = threshold
+    else:
+        tuning = val if val is not None else evaluate.score(classifier, router, splits.train)
+        routes["threshold"] = evaluate.choose_threshold(tuning, oos_weight)
     _write_json(out / "routes.json", routes)
 
     bundle = load_bundle(out)
@@ -121,16 +132,32 @@ def train_bundle(
             "test": len(splits.test),
             "labels": len(labels),
             "added_to_train": {p.name: len(extra) for p, extra in added.items()},
+            "val_in_training": train_on_val,
         },
         "fit": fit_record,
         "parity": asdict(parity),
-        "threshold": {"value": routes["threshold"], "chosen_on": "val", "oos_weight": oos_weight},
-        "validation": evaluate.metrics(val, routes["threshold"]),
+        "threshold": {
+            "value": routes["threshold"],
+            "chosen_on": "given" if threshold is not None else "val" if val is not None else "train",
+            "oos_weight": oos_weight,
+        },
+        "validation": evaluate.metrics(val, routes["threshold"]) if val is not None else None,
         "test": evaluate.metrics(evaluate.score(Classifier(bundle), router, test_set), routes["threshold"]),
     }
     _write_json(out / "metrics.json", result)
     (out / "README.md").write_text(model_card(result, splits, categories), encoding="utf-8")
     return result
+
+
+def _with_val_in_training(splits: Splits, threshold: float | None) -> Splits:
+    if threshold is None:
+        raise DataError(
+            "--train-on-val leaves no validation split to choose the threshold on: choose it with a fit "
+            "of the same recipe without --train-on-val and pass it as --threshold"
+        )
+    if not splits.test:
+        raise DataError("--train-on-val needs a data set with a test split (CLINC150 layout): nothing else is held out")
+    return Splits(splits.train + splits.val, [], splits.test)
 
 
 def _ingredient(checkpoint: Path) -> dict[str, Any]:
@@ -162,6 +189,13 @@ def _added(files: dict[str, int]) -> str:
     return "".join(f", {n} of them added from `{name}`" for name, n in files.items())
 
 
+def _threshold_origin(t: dict[str, Any]) -> str:
+    if t["chosen_on"] == "given":
+        return "given with --threshold"
+    where = "validation" if t["chosen_on"] == "val" else "training data: no validation split"
+    return f"chosen on {where}, out-of-scope weight {t['oos_weight']}"
+
+
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.1%}"
 
@@ -170,12 +204,12 @@ def model_card(result: dict[str, Any], splits: Splits, categories: dict[str, str
     t = result["test"]
     fit_cfg = result["fit"]
     n_categories = len(set(categories.values())) or len(splits.labels)
-    oos_w = result["threshold"]["oos_weight"]
-    added = _added(result["data"]["added_to_train"])
+    d = result["data"]
+    added = _added(d["added_to_train"]) + (", validation split included" if d.get("val_in_training") else "")
     return f"""# {result["model"]}
 
 Sequence classifier fine-tuned from `{result["base"]}` on `{result["data"]["file"]}`
-({result["data"]["train"]} training examples{added}, {result["data"]["labels"]} labels, {n_categories} categories),
+({d["train"]} training examples{added}, {d["labels"]} labels, {n_categories} categories),
 exported to ONNX (opset 18), fused (onnxruntime transformer optimizer) and quantized to int8
 (onnxruntime dynamic quantization). The fallback threshold applies to the probability of the
 predicted category (the sum over its labels), not of the single top label.
@@ -188,7 +222,7 @@ predicted category (the sum over its labels), not of the single top label.
 | out-of-scope recall | {_pct(t["out_of_scope_recall"])} |
 | routing accuracy (category or fallback, all examples) | {_pct(t["routing_accuracy"])} |
 | macro-F1 (labels) | {t["macro_f1"]:.3f} |
-| fallback threshold (chosen on validation, out-of-scope weight {oos_w}) | {result["threshold"]["value"]} |
+| fallback threshold ({_threshold_origin(result["threshold"])}) | {result["threshold"]["value"]} |
 | items/s (this machine, while evaluating) | {t["items_per_s"]:.0f} |
 
 ## Training
