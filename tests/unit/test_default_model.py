@@ -87,7 +87,6 @@ def test_published_figures_reproduce_on_the_clinc150_test_split(test_metrics: di
 
 @clinc
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 3 targets not met yet: 95.6% in-scope, 94.3% routing (see README)")
 def test_issue_targets_on_the_clinc150_test_split(test_metrics: dict) -> None:
     assert test_metrics["in_scope_accuracy"] >= 0.960
     assert test_metrics["out_of_scope_recall"] >= 0.75
