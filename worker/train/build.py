@@ -64,7 +64,7 @@ def train_bundle(
     """Fit (or, with `average_of`, average already fitted checkpoints), export, quantize, check,
     choose the threshold on validation (or take `threshold`), evaluate, and write the bundle into
     `out`. `train_on_val` is the last step of model selection: once a recipe and its threshold
-    were chosen on validation, refit on validation too, so no labelled example is left unused."""
+    were chosen on validation, refit on validation too, so only the test split is left unused."""
     fit_cfg = fit_cfg or FitConfig()
     splits = load(data, seed=fit_cfg.seed)
     added = {p: read_examples(p) for p in add_train or []}
