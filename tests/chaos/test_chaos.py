@@ -26,9 +26,9 @@ import pytest
 from confluent_kafka import Consumer, IsolationLevel, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec
 
+from devkit.toolkit import Output, read_outputs
 from tests.support import scenario
 from tests.support.kafka import TopicSet, start_worker
-from worker.demo import Output, read_outputs
 from worker.messages import BATCH_HEADER
 
 pytestmark = [pytest.mark.chaos, pytest.mark.integration]

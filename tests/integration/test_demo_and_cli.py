@@ -1,4 +1,5 @@
-"""The newcomer's path: `classify-worker demo` end to end, and the CLI's failure modes."""
+"""The newcomer's path: `make demo` end to end on its embedded Tansu broker (the one smoke test on
+that broker), and the CLI's failure modes."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ import pytest
 pytestmark = pytest.mark.integration
 
 
-def _cli(*args: str, env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess[str]:
+def _cli(
+    *args: str, env: dict[str, str], timeout: float = 180, module: str = "worker.cli"
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "worker.cli", *args],
+        [sys.executable, "-m", module, *args],
         env={**os.environ, **env},
         capture_output=True,
         text=True,
@@ -23,8 +26,9 @@ def _cli(*args: str, env: dict[str, str], timeout: float = 180) -> subprocess.Co
     )
 
 
-def test_demo_routes_every_message_exactly_once(tiny_bundle: Path, kafka_bootstrap: str) -> None:
-    result = _cli("demo", env={"CW_MODEL__PATH": str(tiny_bundle), "CW_KAFKA__BOOTSTRAP_SERVERS": kafka_bootstrap})
+def test_demo_routes_every_message_exactly_once_on_its_embedded_broker(tiny_bundle: Path) -> None:
+    env = {"CW_MODEL__PATH": str(tiny_bundle)}
+    result = _cli("demo", env=env, module="devkit")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout
     assert "every message routed exactly once" in out
@@ -57,7 +61,7 @@ def test_classify_prints_routed_json_lines(tiny_bundle: Path) -> None:
 def test_sample_traffic_sends_the_requested_count(kafka_bootstrap: str, tmp_path: Path) -> None:
     from confluent_kafka.admin import AdminClient, NewTopic
 
-    from worker.demo import read_outputs
+    from devkit.toolkit import read_outputs
 
     topic = f"sample-{tmp_path.name}"
     admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
@@ -71,6 +75,7 @@ def test_sample_traffic_sends_the_requested_count(kafka_bootstrap: str, tmp_path
         "300",
         env={"CW_KAFKA__BOOTSTRAP_SERVERS": kafka_bootstrap, "CW_TOPICS__INPUT": topic},
         timeout=60,
+        module="devkit",
     )
     assert result.returncode == 0, result.stderr
     got = read_outputs(kafka_bootstrap, [topic], expect=300, timeout_s=30)

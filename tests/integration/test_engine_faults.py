@@ -14,10 +14,10 @@ import pytest
 from confluent_kafka.admin import AdminClient, NewTopic
 from prometheus_client import CollectorRegistry
 
+from devkit.toolkit import read_outputs
 from tests.support import scenario
 from tests.support.kafka import TopicSet, produce
 from worker.config import load_settings
-from worker.demo import read_outputs
 from worker.engines.confluent import TOPIC_CHECK_INTERVAL_S, ConfluentEngine
 from worker.errors import InferenceError
 from worker.observability import PrometheusHooks

@@ -16,10 +16,10 @@ import pytest
 from confluent_kafka.admin import AdminClient, NewTopic
 from prometheus_client.parser import text_string_to_metric_families
 
+from devkit.ports import free_port
+from devkit.toolkit import read_outputs
 from tests.support import scenario
 from tests.support.kafka import TopicSet, produce, start_worker, wait_for_log
-from worker.demo import read_outputs
-from worker.devbroker import free_port
 
 pytestmark = pytest.mark.integration
 CATEGORIES = ["banking", "travel", "weather"]

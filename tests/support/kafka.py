@@ -1,6 +1,6 @@
 """Broker helpers for integration tests: unique names, producing, worker subprocesses.
 
-Reading outputs back uses `worker.demo.read_outputs`, the same read_committed reader the demo uses."""
+Reading outputs back uses `devkit.toolkit.read_outputs`, the same read_committed reader the demo uses."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ import json
 from collections import Counter
 from dataclasses import dataclass
 
-from worker.demo import Output
+from devkit.toolkit import Output
 
 #: Texts for the tiny model (tests/support/tiny_model.py) and the topic suffix each must reach.
 VALID = [

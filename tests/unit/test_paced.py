@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from worker.demo_traffic import messages, paced
+from devkit.traffic import messages, paced
 
 
 def test_paced_stops_at_count_or_when_told() -> None:

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from devkit import traffic as demo_traffic
 from tests.conftest import CLINC
 from tests.unit.test_default_model import FIXED, OUT_OF_SCOPE
-from worker import demo_traffic
 from worker.train.data import read_examples
 
 ADDED_OOS = Path(__file__).resolve().parents[2] / "worker" / "train" / "out_of_scope.jsonl"

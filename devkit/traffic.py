@@ -1,4 +1,4 @@
-"""Sample traffic for `classify-worker demo`: the project's own sentences (none are taken from a
+"""Sample traffic for `make demo` (`python -m devkit demo`): the project's own sentences (none are taken from a
 data set), one group per domain of the default model, some out-of-scope ones, and malformed
 messages that must land in the dead-letter topic.
 """

@@ -1,4 +1,4 @@
-"""`classify-worker demo`: the whole product in one command, on an embedded broker.
+"""`make demo` (`python -m devkit demo`): the whole product in one command, on an embedded broker.
 
 Starts the broker (or uses `CW_KAFKA__BOOTSTRAP_SERVERS`), creates the topics, starts a real
 `classify-worker run` subprocess, sends the demo traffic at a steady rate (latency) and then as
@@ -20,23 +20,21 @@ import time
 import urllib.request
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
-from typing import cast
 
 import numpy as np
-from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient
+from confluent_kafka import Producer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from devkit.ports import free_port
+from devkit.tansu import DevBroker
+from devkit.toolkit import Output, end_offsets, read_outputs
+from devkit.traffic import DemoMessage, messages, paced
 from worker.config import load_settings
-from worker.demo_traffic import DemoMessage, messages, paced
-from worker.devbroker import DevBroker, free_port
 from worker.model.bundle import load_bundle
-from worker.records import Headers
 from worker.routing import Router
 from worker.topics import ensure_for
 
@@ -45,90 +43,6 @@ STEADY_RATE_PER_S = 100
 #: Backlog phase: the demo traffic repeated, produced at once, to show throughput.
 BACKLOG_ROUNDS = 8
 READY_TIMEOUT_S = 90.0
-
-
-@dataclass(frozen=True)
-class Output:
-    topic: str
-    key: bytes | None
-    value: bytes | None
-    headers: dict[str, bytes | None]
-    seen_at: float  # reader wall clock: when a downstream consumer could act on it
-    timestamp_ms: int | None = None  # the message's own timestamp (set by the worker when it produced it)
-
-
-def read_outputs(
-    bootstrap: str,
-    topics: list[str],
-    expect: int,
-    timeout_s: float = 60.0,
-    quiet_s: float = 1.0,
-    on_message: Callable[[Output], None] | None = None,
-    start: dict[tuple[str, int], int] | None = None,
-    fetch_wait_ms: int | None = None,
-) -> list[Output]:
-    """Read every partition of `topics` with read_committed (from `start`, else the beginning)
-    until `expect` messages have arrived, then `quiet_s` more so duplicates and strays show up.
-    A longer `fetch_wait_ms` costs the broker fewer fetches and delays `seen_at` by up to that."""
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"reader-{uuid.uuid4().hex[:8]}",
-            "isolation.level": "read_committed",
-            "enable.auto.commit": False,
-            **DevBroker.CLIENT_TUNING,
-            **({"fetch.wait.max.ms": fetch_wait_ms} if fetch_wait_ms is not None else {}),
-        }
-    )
-    offsets = start if start is not None else {tp: 0 for tp in partitions(bootstrap, topics)}
-    consumer.assign([TopicPartition(t, p, o) for (t, p), o in offsets.items()])
-    out: list[Output] = []
-    deadline = time.monotonic() + timeout_s
-    quiet_until: float | None = None
-    try:
-        while time.monotonic() < deadline:
-            if len(out) >= expect:
-                quiet_until = quiet_until or time.monotonic() + quiet_s
-                if time.monotonic() > quiet_until:
-                    break
-            for m in consumer.consume(500, 0.05):
-                err = m.error()
-                if err is not None:
-                    if err.code() != KafkaError._PARTITION_EOF:
-                        raise RuntimeError(f"reader error: {err.str()}")
-                    continue
-                ts_type, ts = m.timestamp()
-                item = Output(
-                    m.topic() or "",
-                    m.key(),
-                    m.value(),
-                    dict(cast(Headers, m.headers() or [])),
-                    time.time(),
-                    None if ts_type == TIMESTAMP_NOT_AVAILABLE else ts,
-                )
-                out.append(item)
-                if on_message:
-                    on_message(item)
-    finally:
-        consumer.close()
-    return out
-
-
-def partitions(bootstrap: str, topics: list[str]) -> list[tuple[str, int]]:
-    meta = AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=10).topics
-    return [(t, p) for t in topics if t in meta for p in meta[t].partitions]
-
-
-def end_offsets(bootstrap: str, topics: list[str]) -> dict[tuple[str, int], int]:
-    """High watermarks now: a reader starting there sees only what is produced from now on."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"offsets-{uuid.uuid4().hex[:8]}"})
-    try:
-        return {
-            (t, p): consumer.get_watermark_offsets(TopicPartition(t, p), timeout=10)[1]
-            for t, p in partitions(bootstrap, topics)
-        }
-    finally:
-        consumer.close()
 
 
 def _produce(bootstrap: str, topic: str, batch: list[DemoMessage], rate_per_s: float | None) -> dict[bytes, float]:

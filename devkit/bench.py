@@ -1,4 +1,4 @@
-"""`classify-worker bench`: model-only ceiling, worker end to end, the transformers baseline,
+"""`make bench` (`python -m devkit bench`): model-only ceiling, worker end to end, the transformers baseline,
 latency under load, and cost — in one process tree and one sitting, on the same texts.
 
 Figures are ratios within one run on one machine; absolute numbers move with the machine.
@@ -28,10 +28,11 @@ from prometheus_client import CollectorRegistry
 from rich.console import Console
 from rich.table import Table
 
+from devkit.ports import free_port
+from devkit.tansu import DevBroker
+from devkit.toolkit import read_outputs
+from devkit.traffic import QUERIES, paced
 from worker.config import Settings, load_settings
-from worker.demo import read_outputs
-from worker.demo_traffic import QUERIES, paced
-from worker.devbroker import DevBroker, free_port
 from worker.engines.confluent import ConfluentEngine
 from worker.model import Classifier, default_bundle_path, load_bundle
 from worker.model.classifier import usable_cores
@@ -413,7 +414,7 @@ def run_bench(
 
 def summary_table(r: Results) -> Table:
     f = r.figures
-    t = Table(title=f"classify-worker bench — {r.machine['cpu']}, {r.machine['cores']} cores")
+    t = Table(title=f"make bench — {r.machine['cpu']}, {r.machine['cores']} cores")
     t.add_column("figure")
     t.add_column("value", justify="right")
     t.add_column("target", justify="right")

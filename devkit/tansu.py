@@ -8,13 +8,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import socket
 import subprocess
 import time
 from pathlib import Path
 from types import TracebackType
 from typing import ClassVar
 
+from devkit.ports import free_port
 from worker.errors import WorkerError
 
 log = logging.getLogger(__name__)
@@ -25,12 +25,6 @@ START_TIMEOUT_S = 30.0
 
 class BrokerError(WorkerError):
     """The embedded broker could not be found or started."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def tansu_binary() -> str:
