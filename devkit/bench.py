@@ -30,8 +30,8 @@ from rich.table import Table
 
 from devkit.ports import free_port
 from devkit.tansu import DevBroker
-from devkit.toolkit import read_outputs
-from devkit.traffic import QUERIES, paced
+from devkit.toolkit import paced, read_outputs
+from devkit.traffic import QUERIES
 from worker.config import Settings, load_settings
 from worker.engines.confluent import ConfluentEngine
 from worker.model import Classifier, default_bundle_path, load_bundle

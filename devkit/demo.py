@@ -24,15 +24,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-from confluent_kafka import Producer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from devkit.ports import free_port
 from devkit.tansu import DevBroker
-from devkit.toolkit import Output, end_offsets, read_outputs
-from devkit.traffic import DemoMessage, messages, paced
+from devkit.toolkit import Output, end_offsets, produce, read_outputs
+from devkit.traffic import DemoMessage, messages
 from worker.config import load_settings
 from worker.model.bundle import load_bundle
 from worker.routing import Router
@@ -47,15 +46,8 @@ READY_TIMEOUT_S = 90.0
 
 def _produce(bootstrap: str, topic: str, batch: list[DemoMessage], rate_per_s: float | None) -> dict[bytes, float]:
     """Send the messages (at a fixed rate, or at once); return key → send time."""
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 2})
-    sent: dict[bytes, float] = {}
-    for i in paced(rate_per_s, count=len(batch)):
-        msg = batch[i]
-        sent[msg.key] = time.time()
-        producer.produce(topic, key=msg.key, value=msg.value, headers=[("source", b"demo")])
-        producer.poll(0)
-    producer.flush(30)
-    return sent
+    outbound = [(m.key, m.value, [("source", b"demo")]) for m in batch]
+    return produce(bootstrap, topic, outbound, rate_per_s=rate_per_s).at
 
 
 @contextlib.contextmanager

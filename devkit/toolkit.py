@@ -1,21 +1,104 @@
-"""The Kafka toolkit that demo, bench and tests share: a read_committed reader over output
-topics, partition and end-offset look-ups."""
+"""The Kafka toolkit that demo, bench and tests share: one paced producer, one read_committed
+reader over output topics, and partition and end-offset look-ups."""
 
 from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import cast
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, cast
 
-from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, TopicPartition
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from worker.records import Headers
 
+#: key, value, headers: what a producer sends, in the order tests and demos build them.
+Outbound = tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]
+
 #: A reader's fetch wait: librdkafka's 500 ms default would add up to that to every `seen_at`.
 READER_FETCH_WAIT_MS = 10
+
+
+@dataclass
+class Sent:
+    """What `produce` delivered: each key's send time (wall clock, like Kafka timestamps) and each
+    partition's end offset after the last acknowledged message."""
+
+    at: dict[bytes, float] = field(default_factory=dict)
+    ends: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def count(self) -> int:
+        return len(self.at)
+
+
+def paced(
+    rate_per_s: float | None,
+    *,
+    count: int | None = None,
+    duration_s: float | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> Iterator[int]:
+    """Yield 0, 1, 2, … at a fixed rate (or as fast as the caller goes when the rate is None),
+    until `count` items, `duration_s` seconds, or `should_stop()`: every paced producer's loop."""
+    started = time.perf_counter()
+    i = 0
+    while not should_stop() and (count is None or i < count):
+        if duration_s is not None and time.perf_counter() - started >= duration_s:
+            return
+        yield i
+        i += 1
+        if rate_per_s:
+            delay = started + i / rate_per_s - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+
+
+def produce(
+    bootstrap: str,
+    topic: str,
+    messages: Iterable[Outbound],
+    *,
+    rate_per_s: float | None = None,
+    duration_s: float | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+    config: Mapping[str, Any] | None = None,
+    flush_timeout_s: float = 120.0,
+) -> Sent:
+    """Send `messages` at a fixed rate (or as fast as the producer goes), for at most `duration_s`:
+    every producer of the demo, the bench, sample traffic and the tests. Idempotent, so retries
+    across a frozen or restarted broker never duplicate an input; waits out a full local queue;
+    raises if any message was not acknowledged."""
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "enable.idempotence": True, **(config or {})})
+    sent = Sent()
+    errors: list[str] = []
+
+    def on_delivery(err: KafkaError | None, msg: Message) -> None:
+        if err is not None:
+            errors.append(err.str())
+        else:
+            sent.ends[msg.partition()] = max(sent.ends.get(msg.partition(), 0), msg.offset() + 1)
+
+    source = iter(messages)
+    for _ in paced(rate_per_s, duration_s=duration_s, should_stop=should_stop):
+        item = next(source, None)
+        if item is None:
+            break
+        key, value, headers = item
+        while True:
+            try:
+                producer.produce(topic, key=key, value=value, headers=headers, on_delivery=on_delivery)
+                break
+            except BufferError:  # local queue full (or the broker is away): serve reports, retry
+                producer.poll(0.05)
+        sent.at[key or b""] = time.time()
+        producer.poll(0)
+    unacked = producer.flush(flush_timeout_s)
+    if unacked or errors:
+        raise RuntimeError(f"{unacked} messages unacknowledged, {len(errors)} failed: {errors[:3]}")
+    return sent
 
 
 @dataclass(frozen=True)

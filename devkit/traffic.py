@@ -5,12 +5,13 @@ messages that must land in the dead-letter topic.
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from devkit.toolkit import Outbound, produce
 from worker.config import Settings
 
 QUERIES: dict[str, list[str]] = {
@@ -167,45 +168,27 @@ def messages() -> list[DemoMessage]:
     return out
 
 
-def paced(
-    rate_per_s: float | None,
-    *,
-    count: int | None = None,
-    duration_s: float | None = None,
-    should_stop: Callable[[], bool] = lambda: False,
-) -> Iterator[int]:
-    """Yield 0, 1, 2, … at a fixed rate (or as fast as the caller goes when the rate is None),
-    until `count` items, `duration_s` seconds, or `should_stop()`: every paced producer's loop."""
-    started = time.perf_counter()
-    i = 0
-    while not should_stop() and (count is None or i < count):
-        if duration_s is not None and time.perf_counter() - started >= duration_s:
-            return
-        yield i
-        i += 1
-        if rate_per_s:
-            delay = started + i / rate_per_s - time.perf_counter()
-            if delay > 0:
-                time.sleep(delay)
+def sample_stream() -> Iterator[Outbound]:
+    """The sample messages, cycled forever; each cycle's ids get a suffix so keys stay unique."""
+    sample = messages()
+    for cycle in itertools.count():
+        for msg in sample:
+            key = f"{msg.key.decode()}-{cycle}".encode()
+            value = msg.value
+            if value is not None and not msg.expected.startswith("dlq:"):
+                value = json.dumps({**json.loads(value), "id": key.decode()}).encode()
+            yield key, value, []
 
 
 def produce_forever(settings: Settings, rate_per_s: float, count: int, should_stop: Callable[[], bool]) -> int:
     """Cycle through the sample messages at a fixed rate (docker-compose's producer service)."""
-    from confluent_kafka import Producer
-
-    producer = Producer({**settings.librdkafka_admin(), "linger.ms": 5})
-    sample = messages()
-    sent = 0
-    for i in paced(rate_per_s, count=count or None, should_stop=should_stop):
-        msg = sample[i % len(sample)]
-        key = f"{msg.key.decode()}-{i // len(sample)}".encode()
-        value = msg.value
-        if value is not None and not msg.expected.startswith("dlq:"):
-            body = json.loads(value)
-            body["id"] = key.decode()
-            value = json.dumps(body).encode()
-        producer.produce(settings.topics.input, key=key, value=value)
-        producer.poll(0)
-        sent = i + 1
-    producer.flush(10)
-    return sent
+    stream = itertools.islice(sample_stream(), count or None)
+    config = settings.librdkafka_admin()
+    return produce(
+        settings.kafka.bootstrap_servers,
+        settings.topics.input,
+        stream,
+        rate_per_s=rate_per_s,
+        should_stop=should_stop,
+        config=config,
+    ).count

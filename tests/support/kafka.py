@@ -13,7 +13,19 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from confluent_kafka import Producer
+from devkit import toolkit
+from devkit.apache_kafka import LocalKafka
+from devkit.toolkit import Outbound
+
+
+@dataclass(frozen=True)
+class Broker:
+    """The test session's broker; `kafka` is set when it is our own Apache Kafka process, which
+    the chaos test may freeze, kill -9 and restart on its data directory."""
+
+    bootstrap: str
+    kind: str  # external | testcontainers | apache-kafka | tansu
+    kafka: LocalKafka | None = None
 
 
 @dataclass(frozen=True)
@@ -46,18 +58,9 @@ class TopicSet:
         return [self.prefix + c for c in categories] + [self.fallback, self.dlq]
 
 
-def produce(
-    bootstrap: str, topic: str, messages: Iterable[tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]]
-) -> int:
-    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "enable.idempotence": True})
-    n = 0
-    for key, value, headers in messages:
-        p.produce(topic, value=value, key=key, headers=headers)
-        n += 1
-        if n % 1000 == 0:
-            p.poll(0)
-    assert p.flush(30) == 0, "producer did not deliver every test message"
-    return n
+def produce(bootstrap: str, topic: str, messages: Iterable[Outbound]) -> int:
+    """Every message, at once; returns how many were acknowledged."""
+    return toolkit.produce(bootstrap, topic, messages).count
 
 
 def start_worker(env: dict[str, str], log_path: Path, *args: str) -> subprocess.Popen[bytes]:

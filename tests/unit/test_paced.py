@@ -1,6 +1,7 @@
 from __future__ import annotations
 
-from devkit.traffic import messages, paced
+from devkit.toolkit import paced
+from devkit.traffic import messages
 
 
 def test_paced_stops_at_count_or_when_told() -> None:

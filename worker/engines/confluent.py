@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
@@ -47,6 +48,9 @@ BACKOFF_START_S = 0.5
 BACKOFF_MAX_S = 30.0
 #: Per-call timeout for transactional and flush calls; longer than a healthy round trip by far.
 CALL_TIMEOUT_S = 30.0
+#: Beyond its own timeout, how long a transactional call may block before the producer is
+#: declared wedged (see `ConfluentEngine._bounded`).
+WEDGED_GRACE_S = 10.0
 #: How often the output topics are checked for existence (a deleted one is recreated).
 TOPIC_CHECK_INTERVAL_S = 10.0
 #: How often lag is computed from watermarks and committed offsets.
@@ -105,6 +109,8 @@ class ConfluentEngine:
         self.exactly_once = settings.delivery == "exactly_once"
         self._stop = False
         self._fatal: KafkaError | None = None
+        #: a transactional call is stuck in librdkafka: closing the producer could block too
+        self._wedged = False
         self._committed: dict[tuple[str, int], int] = {}
         self._next_lag = 0.0
         self._next_topic_check = time.monotonic() + TOPIC_CHECK_INTERVAL_S
@@ -191,7 +197,8 @@ class ConfluentEngine:
             self.consumer.close()  # leaves the group, so the partitions move at once
         except (KafkaException, RuntimeError) as e:
             log.warning("consumer close failed", extra={"error": str(e)})
-        self.producer.flush(5.0)
+        if not self._wedged:
+            self.producer.flush(5.0)
 
     # -- one batch ---------------------------------------------------------------------------
 
@@ -287,7 +294,7 @@ class ConfluentEngine:
         deadline = time.monotonic() + CALL_TIMEOUT_S
         while True:
             try:
-                fn()
+                self._bounded(fn)
                 return
             except KafkaException as e:
                 err = _kafka_error(e)
@@ -295,9 +302,38 @@ class ConfluentEngine:
                     raise
                 time.sleep(0.1)
 
+    def _bounded(self, fn: Callable[[], None]) -> None:
+        """Run a transactional call, but give up on it once it outlives its own timeout.
+
+        librdkafka can block in `send_offsets_to_transaction` forever, ignoring its timeout,
+        when the group coordinator goes away mid-transaction (confluentinc/librdkafka#5456,
+        #5511): seen here when the broker was killed and restarted. A wedged transactional
+        producer cannot be repaired in place, so the worker stops with a fatal error; its
+        restart (same transactional id) fences and aborts the open transaction, and the batch
+        is processed again from the committed offsets."""
+        outcome: list[BaseException | None] = []
+
+        def call() -> None:
+            try:
+                fn()
+                outcome.append(None)
+            except BaseException as e:  # handed to the caller's thread below
+                outcome.append(e)
+
+        thread = threading.Thread(target=call, name="txn-call", daemon=True)
+        thread.start()
+        thread.join(CALL_TIMEOUT_S + WEDGED_GRACE_S)
+        if not outcome:
+            message = f"transactional call did not return within {CALL_TIMEOUT_S + WEDGED_GRACE_S:.0f} s"
+            self._fatal = KafkaError(KafkaError._TIMED_OUT, message, fatal=True)
+            self._wedged = True
+            raise FatalDeliveryError(f"{message}; restarting fences the open transaction")
+        if outcome[0] is not None:
+            raise outcome[0]
+
     def _abort(self) -> None:
         try:
-            self.producer.abort_transaction(CALL_TIMEOUT_S)
+            self._bounded(lambda: self.producer.abort_transaction(CALL_TIMEOUT_S))
         except KafkaException as e:
             err = _kafka_error(e)
             if err.fatal():
