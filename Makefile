@@ -55,9 +55,9 @@ test-unit: $(VENV)/.dev ## unit tests only (no broker)
 chaos: $(VENV)/.dev $(KAFKA_LIBS)/.fetched ## the chaos test, longer: 100,000 messages per delivery mode
 	CHAOS_MESSAGES=100000 $(PY) -m pytest -m chaos -s
 
-lint: $(VENV)/.dev ## ruff + mypy (strict on worker/)
-	$(VENV)/bin/ruff check worker tests bench
-	$(VENV)/bin/ruff format --check worker tests bench
+lint: $(VENV)/.dev ## ruff + mypy (strict on worker/ and devkit/)
+	$(VENV)/bin/ruff check worker devkit tests bench
+	$(VENV)/bin/ruff format --check worker devkit tests bench
 	$(VENV)/bin/mypy
 
 bench: $(VENV)/.dev $(KAFKA_LIBS)/.fetched ## benchmarks; results, table and plots in bench/results/

@@ -11,16 +11,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 import urllib.request
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +27,7 @@ from rich.table import Table
 
 from devkit.ports import free_port
 from devkit.tansu import DevBroker
-from devkit.toolkit import Output, end_offsets, produce, read_outputs
+from devkit.toolkit import Output, end_offsets, produce, read_outputs, running_worker
 from devkit.traffic import DemoMessage, messages
 from worker.config import load_settings
 from worker.model.bundle import load_bundle
@@ -48,23 +45,6 @@ def _produce(bootstrap: str, topic: str, batch: list[DemoMessage], rate_per_s: f
     """Send the messages (at a fixed rate, or at once); return key → send time."""
     outbound = [(m.key, m.value, [("source", b"demo")]) for m in batch]
     return produce(bootstrap, topic, outbound, rate_per_s=rate_per_s).at
-
-
-@contextlib.contextmanager
-def _worker(env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "worker.cli", "run"], env={**os.environ, **env}, stdout=out, stderr=out
-        )
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
 
 
 def _wait_ready(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
@@ -135,7 +115,7 @@ def run_demo(console: Console | None = None) -> int:
         outputs = [*router.topics(), settings.topics.dlq]
         console.print(f"[bold]model[/] {bundle.model_id}: {len(bundle.labels)} labels → {len(outputs)} output topics")
         log = workdir / "worker.log"
-        proc = stack.enter_context(_worker(env, log))
+        proc = stack.enter_context(running_worker(env, log))
         _wait_ready(port, proc, log)
         console.print(f"[bold]worker[/] ready (pid {proc.pid}, metrics on :{port})")
 
@@ -162,7 +142,6 @@ def run_demo(console: Console | None = None) -> int:
             len(backlog_msgs),
             drained,
         )
-    return 1
 
 
 def _summary(

@@ -1,12 +1,19 @@
 """The Kafka toolkit that demo, bench and tests share: one paced producer, one read_committed
-reader over output topics, and partition and end-offset look-ups."""
+reader over output topics, one way to run a worker subprocess, and partition and end-offset
+look-ups."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, cast
 
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, Message, Producer, TopicPartition
@@ -79,7 +86,8 @@ def produce(
         if err is not None:
             errors.append(err.str())
         else:
-            sent.ends[msg.partition()] = max(sent.ends.get(msg.partition(), 0), msg.offset() + 1)
+            partition, offset = msg.partition() or 0, msg.offset() or 0
+            sent.ends[partition] = max(sent.ends.get(partition, 0), offset + 1)
 
     source = iter(messages)
     for _ in paced(rate_per_s, duration_s=duration_s, should_stop=should_stop):
@@ -89,7 +97,7 @@ def produce(
         key, value, headers = item
         while True:
             try:
-                producer.produce(topic, key=key, value=value, headers=headers, on_delivery=on_delivery)
+                producer.produce(topic, key=key, value=value, headers=cast(Any, headers), on_delivery=on_delivery)
                 break
             except BufferError:  # local queue full (or the broker is away): serve reports, retry
                 producer.poll(0.05)
@@ -183,3 +191,34 @@ def end_offsets(bootstrap: str, topics: list[str]) -> dict[tuple[str, int], int]
         }
     finally:
         consumer.close()
+
+
+def start_worker(env: Mapping[str, str], log_path: Path, *args: str) -> subprocess.Popen[bytes]:
+    """`classify-worker run` as a real subprocess (so it can be killed with -9), its output
+    appended to `log_path`, its settings from `env` over this process's environment."""
+    full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+    with log_path.open("ab") as log:
+        return subprocess.Popen(  # noqa: S603 - our own CLI
+            [sys.executable, "-m", "worker.cli", "run", *args], env=full_env, stdout=log, stderr=subprocess.STDOUT
+        )
+
+
+def stop_worker(proc: subprocess.Popen[bytes], timeout_s: float = 15.0) -> None:
+    """SIGTERM (the worker finishes or aborts its batch and leaves the group), then SIGKILL."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGCONT)  # a frozen process cannot act on SIGTERM
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+@contextlib.contextmanager
+def running_worker(env: Mapping[str, str], log_path: Path, *args: str) -> Iterator[subprocess.Popen[bytes]]:
+    proc = start_worker(env, log_path, *args)
+    try:
+        yield proc
+    finally:
+        stop_worker(proc)

@@ -17,9 +17,9 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from prometheus_client.parser import text_string_to_metric_families
 
 from devkit.ports import free_port
-from devkit.toolkit import read_outputs
+from devkit.toolkit import read_outputs, start_worker
 from tests.support import scenario
-from tests.support.kafka import TopicSet, produce, start_worker, wait_for_log
+from tests.support.kafka import TopicSet, produce, wait_for_log
 
 pytestmark = pytest.mark.integration
 CATEGORIES = ["banking", "travel", "weather"]

@@ -1,12 +1,9 @@
-"""Broker helpers for integration tests: unique names, producing, worker subprocesses.
+"""Broker helpers for integration tests: the session's broker, unique names, producing.
 
-Reading outputs back uses `devkit.toolkit.read_outputs`, the same read_committed reader the demo uses."""
+Worker subprocesses and reading outputs back use `devkit.toolkit`, as the demo and bench do."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterable
@@ -61,15 +58,6 @@ class TopicSet:
 def produce(bootstrap: str, topic: str, messages: Iterable[Outbound]) -> int:
     """Every message, at once; returns how many were acknowledged."""
     return toolkit.produce(bootstrap, topic, messages).count
-
-
-def start_worker(env: dict[str, str], log_path: Path, *args: str) -> subprocess.Popen[bytes]:
-    """`classify-worker run` as a real subprocess (so tests can kill -9 it)."""
-    full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
-    with log_path.open("ab") as log:
-        return subprocess.Popen(
-            [sys.executable, "-m", "worker.cli", "run", *args], env=full_env, stdout=log, stderr=subprocess.STDOUT
-        )
 
 
 def wait_for_log(log_path: Path, needle: str, timeout_s: float = 60.0, count: int = 1) -> None:
