@@ -162,3 +162,48 @@ def _docker_daemon() -> bool:
 @pytest.mark.skipif(not _docker_daemon(), reason="no Docker daemon")
 def test_docker_compose_config() -> None:
     subprocess.run(["docker", "compose", "-f", str(ROOT / "docker-compose.yml"), "config", "-q"], check=True)
+
+
+def _render(*extra: str) -> list[dict]:
+    assert HELM is not None
+    out = subprocess.run([HELM, "template", "cw", str(CHART), *extra], check=True, capture_output=True, text=True)
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def _pod_and_env(docs: list[dict]) -> tuple[dict, dict]:
+    pod = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+    env = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
+    return pod, env
+
+
+@pytest.mark.skipif(HELM is None, reason="helm is not installed")
+def test_helm_brings_your_own_model_from_an_image() -> None:
+    pod, env = _pod_and_env(
+        _render("--set", "model.image.repository=reg.example/m", "--set-string", "model.image.tag=3")
+    )
+    init = pod["initContainers"][0]
+    assert init["image"] == "reg.example/m:3" and init["command"] == ["cp", "-R", "/model/.", "/models/bundle/"]
+    assert init["securityContext"]["readOnlyRootFilesystem"] is True
+    worker = pod["containers"][0]
+    assert {"name": "model", "mountPath": "/models/bundle", "readOnly": True} in worker["volumeMounts"]
+    assert {"name": "model", "emptyDir": {"sizeLimit": "1Gi"}} in pod["volumes"]
+    assert env["CW_MODEL__PATH"] == "/models/bundle"
+
+
+@pytest.mark.skipif(HELM is None, reason="helm is not installed")
+def test_helm_brings_your_own_model_from_a_claim() -> None:
+    pod, env = _pod_and_env(_render("--set", "model.existingClaim=models", "--set", "model.subPath=v3"))
+    assert "initContainers" not in pod
+    mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "model")
+    assert mount == {"name": "model", "mountPath": "/models/bundle", "readOnly": True, "subPath": "v3"}
+    assert {"name": "model", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}} in pod["volumes"]
+    assert env["CW_MODEL__PATH"] == "/models/bundle"
+
+
+@pytest.mark.skipif(HELM is None, reason="helm is not installed")
+def test_helm_default_uses_the_model_in_the_image_and_refuses_two_sources() -> None:
+    pod, env = _pod_and_env(_render())
+    assert "CW_MODEL__PATH" not in env and "initContainers" not in pod
+    both = ["--set", "model.existingClaim=x", "--set", "model.image.repository=y"]
+    out = subprocess.run([HELM, "template", "cw", str(CHART), *both], capture_output=True, text=True, check=False)
+    assert out.returncode != 0 and "at most one of model.image.repository and model.existingClaim" in out.stderr

@@ -34,3 +34,16 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- default "default" .Values.serviceAccount.name }}
 {{- end }}
 {{- end }}
+
+{{/* Where the worker finds its bundle: /models/bundle when the chart mounts one (from an image or
+a claim), else model.path (empty = the model shipped in the worker image). */}}
+{{- define "classify-worker.modelPath" -}}
+{{- if and .Values.model.image.repository .Values.model.existingClaim }}
+{{- fail "set at most one of model.image.repository and model.existingClaim" }}
+{{- end }}
+{{- if or .Values.model.image.repository .Values.model.existingClaim -}}
+/models/bundle
+{{- else -}}
+{{ .Values.model.path }}
+{{- end }}
+{{- end }}
