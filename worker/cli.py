@@ -283,6 +283,78 @@ def evaluate_cmd(
             _print_metrics(result, title=f"{bundle.model_id} on {data.name} ({split})")
 
 
+@app.command()
+def replay(
+    source: Annotated[
+        str | None, typer.Option("--from", help="Dead-letter topic to read (default: CW_TOPICS__DLQ, classify.dlq).")
+    ] = None,
+    target: Annotated[
+        str | None, typer.Option("--to", help="Topic to re-drive to (default: CW_TOPICS__INPUT, classify.in).")
+    ] = None,
+    reason: Annotated[
+        list[str] | None, typer.Option(help="Only dead letters with this error.reason (repeat the option).")
+    ] = None,
+    start_offset: Annotated[int | None, typer.Option(min=0, help="Window start offset, every partition.")] = None,
+    end_offset: Annotated[
+        int | None, typer.Option(min=0, help="Window end offset (exclusive), every partition.")
+    ] = None,
+    since: Annotated[str | None, typer.Option(help="Window start time: ISO 8601 (UTC if no zone) or epoch ms.")] = None,
+    until: Annotated[str | None, typer.Option(help="Window end time (exclusive).")] = None,
+    max_replays: Annotated[
+        int, typer.Option(min=1, help="Skip (and count) a message already replayed this many times.")
+    ] = 3,
+    group: Annotated[
+        str | None, typer.Option(help="Consumer group and transactional id (default: derived from the selection).")
+    ] = None,
+    max_rate: Annotated[float | None, typer.Option(min=1, help="At most this many messages per second.")] = None,
+    dry_run: Annotated[
+        bool, typer.Option(help="Count by reason and show examples; produce and commit nothing.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Re-drive dead letters to the input topic exactly once, without their error.*/source.* headers."""
+    with _errors():
+        settings = _settings(config)
+        from worker.replay import Replayer, Selection, parse_time
+
+        selection = Selection(
+            source=source or settings.topics.dlq,
+            target=target or settings.topics.input,
+            reasons=frozenset(reason or ()),
+            start_offset=start_offset,
+            end_offset=end_offset,
+            since_ms=parse_time(since) if since else None,
+            until_ms=parse_time(until) if until else None,
+            max_replays=max_replays,
+        )
+        replayer = Replayer(settings, selection, group=group, max_rate=max_rate)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: replayer.request_stop())
+        summary = replayer.run(dry_run=dry_run).as_dict()
+        if as_json:
+            typer.echo(json.dumps(summary))
+        else:
+            _print_replay(selection.source, selection.target, summary)
+
+
+def _print_replay(source: str, target: str, summary: dict[str, Any]) -> None:
+    def line(title: str, counts: dict[str, int]) -> str:
+        detail = " ".join(f"{k}={v}" for k, v in counts.items())
+        return f"{title:<28}{sum(counts.values()):>8}  {detail}".rstrip()
+
+    dry = " (dry run: nothing produced or committed)" if summary["dry_run"] else ""
+    typer.echo(f"{source} -> {target}  group {summary['group']}{dry}")
+    typer.echo(line("would replay" if summary["dry_run"] else "replayed", summary["replayed"]))
+    typer.echo(line("skipped: max replays reached", summary["skipped_max_replays"]))
+    typer.echo(line("not selected (--reason)", summary["not_selected"]))
+    for ex in summary["examples"]:
+        typer.echo(
+            f"  {ex['partition']}:{ex['offset']} key={ex['key']!r} {ex['reason']}: {ex['message']} "
+            f"(from {ex['source']}, {ex['bytes']} bytes, replayed {ex['replay_count']}x)"
+        )
+
+
 def _print_metrics(result: dict[str, Any], title: str) -> None:
     from rich.console import Console
     from rich.table import Table

@@ -23,6 +23,9 @@ ERROR_MESSAGE = "error.message"
 SOURCE_TOPIC = "source.topic"
 SOURCE_PARTITION = "source.partition"
 SOURCE_OFFSET = "source.offset"
+#: How many times `classify-worker replay` has re-driven this message from the DLQ; replay skips
+#: it at `--max-replays`, so a message that fails every time cannot loop.
+REPLAY_COUNT = "replay.count"
 
 
 class Inbound(BaseModel):
