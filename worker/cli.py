@@ -1,4 +1,5 @@
-"""`classify-worker`: run the worker, classify from the shell, manage topics, train, evaluate.
+"""`classify-worker`: run the worker, classify from the shell, manage topics, train, evaluate,
+replay dead letters, report on a shadow model.
 
 Logging is configured here and nowhere else.
 """
@@ -148,7 +149,7 @@ def classify(
         from worker.pipeline import build_pipeline
         from worker.records import Record
 
-        pipeline = build_pipeline(settings)
+        pipeline = build_pipeline(settings, shadow=False)
         lines = texts if texts else [line.rstrip("\n") for line in sys.stdin]
         records = [Record(orjson.dumps({"id": str(i), "text": t}), topic="cli", offset=i) for i, t in enumerate(lines)]
         out = sys.stdout.buffer
@@ -316,7 +317,8 @@ def replay(
     """Re-drive dead letters to the input topic exactly once, without their error.*/source.* headers."""
     with _errors():
         settings = _settings(config)
-        from worker.replay import Replayer, Selection, parse_time
+        from worker.kafka_util import parse_time
+        from worker.replay import Replayer, Selection
 
         selection = Selection(
             source=source or settings.topics.dlq,
@@ -353,6 +355,30 @@ def _print_replay(source: str, target: str, summary: dict[str, Any]) -> None:
             f"  {ex['partition']}:{ex['offset']} key={ex['key']!r} {ex['reason']}: {ex['message']} "
             f"(from {ex['source']}, {ex['bytes']} bytes, replayed {ex['replay_count']}x)"
         )
+
+
+@app.command("shadow-report")
+def shadow_report(
+    topic: Annotated[str | None, typer.Option(help="Shadow topic (default: CW_SHADOW__TOPIC).")] = None,
+    since: Annotated[str | None, typer.Option(help="Only records from this time: ISO 8601 or epoch ms.")] = None,
+    examples: Annotated[int, typer.Option(min=0, help="Disagreements to show per model pair.")] = 5,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the reports as JSON.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Summarize the shadow topic: disagreement rate, live -> shadow route matrix, examples."""
+    with _errors():
+        settings = _settings(config)
+        from worker.kafka_util import parse_time
+        from worker.shadow_report import format_report, read_shadow, summarize
+
+        records = read_shadow(settings, topic or settings.shadow.topic, parse_time(since) if since else None)
+        reports = summarize(records, examples)
+        if as_json:
+            typer.echo(json.dumps([r.as_dict() for r in reports]))
+        elif not reports:
+            typer.echo("no shadow records")
+        else:
+            typer.echo("\n\n".join(format_report(r) for r in reports))
 
 
 def _print_metrics(result: dict[str, Any], title: str) -> None:

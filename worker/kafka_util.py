@@ -9,11 +9,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
-from worker.errors import FatalDeliveryError
+from worker.errors import ConfigError, FatalDeliveryError
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,19 @@ def topic_partitions(consumer: Consumer, topic: str) -> list[TP]:
 def watermarks(consumer: Consumer, tps: list[TP]) -> dict[TP, tuple[int, int]]:
     """Low and high watermark of each partition, asked of the broker (not cached)."""
     return {tp: consumer.get_watermark_offsets(TopicPartition(*tp), timeout=CALL_TIMEOUT_S, cached=False) for tp in tps}
+
+
+def parse_time(text: str) -> int:
+    """Milliseconds since the epoch from epoch millis or ISO 8601 (naive means UTC)."""
+    if text.isdigit():
+        return int(text)
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError as e:
+        raise ConfigError(f"not a time: {text!r} (use ISO 8601, e.g. 2026-11-29T18:00:00Z, or epoch ms)") from e
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return int(moment.timestamp() * 1000)
 
 
 def offsets_at(consumer: Consumer, tps: list[TP], timestamp_ms: int, high: dict[TP, int]) -> dict[TP, int]:

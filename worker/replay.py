@@ -22,13 +22,12 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any, Literal, cast
 
 from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
 
 from worker.config import Settings
-from worker.errors import ConfigError, DeliveryError
+from worker.errors import DeliveryError
 from worker.kafka_util import (
     CALL_TIMEOUT_S,
     TP,
@@ -91,19 +90,6 @@ class Selection:
         }
         digest = hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:10]
         return f"classify-replay-{digest}"
-
-
-def parse_time(text: str) -> int:
-    """Milliseconds since the epoch from epoch millis or ISO 8601 (naive means UTC)."""
-    if text.isdigit():
-        return int(text)
-    try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError as e:
-        raise ConfigError(f"not a time: {text!r} (use ISO 8601, e.g. 2026-11-29T18:00:00Z, or epoch ms)") from e
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return int(moment.timestamp() * 1000)
 
 
 def header(headers: Headers, name: str) -> bytes | None:
