@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient, NewTopic
 
 
 @dataclass(frozen=True)
@@ -60,13 +61,36 @@ def produce(
     return n
 
 
-def start_worker(env: dict[str, str], log_path: Path, *args: str) -> subprocess.Popen[bytes]:
-    """`classify-worker run` as a real subprocess (so tests can kill -9 it)."""
+def create_topic(bootstrap: str, topic: str, partitions: int) -> None:
+    admin = AdminClient({"bootstrap.servers": bootstrap})  # must outlive the futures
+    for f in admin.create_topics([NewTopic(topic, partitions, 1)]).values():
+        f.result(30)
+
+
+def run_cli(env: dict[str, str], *args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
+    """`classify-worker <args>` as a subprocess, run to completion; output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "worker.cli", *args],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
+
+
+def start_cli(env: dict[str, str], log_path: Path, *args: str) -> subprocess.Popen[bytes]:
+    """`classify-worker <args>` as a background subprocess (so tests can kill -9 it)."""
     full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
     with log_path.open("ab") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "worker.cli", "run", *args], env=full_env, stdout=log, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "worker.cli", *args], env=full_env, stdout=log, stderr=subprocess.STDOUT
         )
+
+
+def start_worker(env: dict[str, str], log_path: Path, *args: str) -> subprocess.Popen[bytes]:
+    """`classify-worker run` as a real subprocess (so tests can kill -9 it)."""
+    return start_cli(env, log_path, "run", *args)
 
 
 def wait_for_log(log_path: Path, needle: str, timeout_s: float = 60.0, count: int = 1) -> None:
