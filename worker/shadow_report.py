@@ -93,7 +93,7 @@ def format_report(report: PairReport) -> str:
     cols = [max(len(t), 6) + 2 for t in targets]
     lines.append("live \\ shadow".ljust(width) + "".join(t.rjust(c) for t, c in zip(targets, cols, strict=True)))
     for a in sources:
-        cells = "".join(str(report.routes.get((a, b), 0)).rjust(c) for b, c in zip(targets, cols, strict=True))
+        cells = "".join(str(report.routes.get((a, b)) or ".").rjust(c) for b, c in zip(targets, cols, strict=True))
         lines.append(a.ljust(width) + cells)
     if report.examples:
         lines.append("examples:")
