@@ -152,14 +152,13 @@ class Shadow:
 
     def compare(self, items: list[_Valid], primary: list[Verdict], primary_model: str) -> list[Outgoing]:
         """Disagreement records, then the batch's tally; only a tally of unscored items on failure."""
-        tally = ShadowTally(primary_model=primary_model, shadow_model=self.model_id, items=0, routes={})
         try:
             theirs, _ = judge(self.classifier, self.router, [item.text for item in items])
         except Exception as e:  # any shadow failure: the batch must still be delivered as routed
             if not self._failure_logged:
                 log.warning("shadow model failed; counting unscored items", extra={"error": str(e)[:500]})
                 self._failure_logged = True
-            return [self._tally(items, tally.model_copy(update={"unscored": len(items)}))]
+            return [self._tally(items[0].record, primary_model, {}, unscored=len(items))]
         out: list[Outgoing] = []
         routes: dict[str, dict[str, int]] = {}
         for item, mine, other in zip(items, primary, theirs, strict=True):
@@ -167,18 +166,23 @@ class Shadow:
             row[other.route] = row.get(other.route, 0) + 1
             if mine.route != other.route:
                 out.append(self._disagreement(item, mine.summary(primary_model), other.summary(self.model_id)))
-        out.append(self._tally(items, tally.model_copy(update={"items": len(items), "routes": routes})))
+        out.append(self._tally(items[0].record, primary_model, routes))
         return out
 
     def _disagreement(self, item: _Valid, primary: ShadowVerdict, shadow: ShadowVerdict) -> Outgoing:
         doc = ShadowDisagreement(id=str(item.body["id"]), primary=primary, shadow=shadow)
-        value = orjson.dumps(doc.model_dump())
         r = item.record
-        return Outgoing(self.topic, value, r.key, list(r.headers), "shadow", r, "disagreement")
+        return Outgoing(self.topic, orjson.dumps(doc.model_dump()), r.key, list(r.headers), "shadow", r, "disagreement")
 
-    def _tally(self, items: list[_Valid], tally: ShadowTally) -> Outgoing:
-        # keyless: tallies spread over the partitions; the batch's first item stands as its source
-        return Outgoing(self.topic, orjson.dumps(tally.model_dump()), None, [], "shadow", items[0].record, "tally")
+    def _tally(
+        self, source: Record, primary_model: str, routes: dict[str, dict[str, int]], unscored: int = 0
+    ) -> Outgoing:
+        items = sum(n for row in routes.values() for n in row.values())
+        tally = ShadowTally(
+            primary_model=primary_model, shadow_model=self.model_id, items=items, unscored=unscored, routes=routes
+        )
+        # keyless, so tallies spread over the partitions; the batch's first item stands as its source
+        return Outgoing(self.topic, orjson.dumps(tally.model_dump()), None, [], "shadow", source, "tally")
 
 
 class Pipeline:
