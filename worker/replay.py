@@ -129,7 +129,7 @@ def replayed_headers(headers: Headers) -> Headers:
 
 
 @dataclass
-class Tally:
+class Summary:
     """What one run did, by dead-letter reason; counted only once a transaction has committed."""
 
     group: str
@@ -156,15 +156,17 @@ class Tally:
 
 def example(m: Message, headers: Headers) -> dict[str, Any]:
     """Where a dead letter is and why it failed; never its body."""
-    text = {k: (header(headers, k) or b"").decode("utf-8", "replace") for k in (ERROR_MESSAGE, SOURCE_TOPIC)}
+    text = {
+        k: (header(headers, k) or b"").decode("utf-8", "replace")
+        for k in (ERROR_MESSAGE, SOURCE_TOPIC, SOURCE_PARTITION, SOURCE_OFFSET)
+    }
     return {
         "partition": m.partition(),
         "offset": m.offset(),
         "key": (m.key() or b"").decode("utf-8", "replace"),
         "reason": reason_of(headers),
         "message": text[ERROR_MESSAGE],
-        "source": f"{text[SOURCE_TOPIC]}:{int(header(headers, SOURCE_PARTITION) or b'0')}:"
-        f"{int(header(headers, SOURCE_OFFSET) or b'0')}",
+        "source": f"{text[SOURCE_TOPIC]}:{text[SOURCE_PARTITION]}:{text[SOURCE_OFFSET]}",
         "replay_count": replay_count(headers),
         "bytes": len(m.value() or b""),
     }
@@ -218,21 +220,21 @@ class Replayer:
         """Safe from a signal handler: the open transaction is finished, then the run ends."""
         self._stop = True
 
-    def run(self, dry_run: bool = False) -> Tally:
+    def run(self, dry_run: bool = False) -> Summary:
         """Replay (or count, with `dry_run`) the selection; raises `DeliveryError` subclasses."""
-        tally = Tally(self.group, dry_run)
+        summary = Summary(self.group, dry_run)
         try:
             producer = None if dry_run else self._producer()
             reader = self._reader()
             if producer is None:
-                self._count(reader, tally)
+                self._count(reader, summary)
             else:
-                self._replay(reader, producer, tally)
+                self._replay(reader, producer, summary)
         except KafkaException as e:
             raise DeliveryError(f"replay failed: {kafka_error(e).str()}") from e
         finally:
             self.consumer.close()
-        return tally
+        return summary
 
     # -- setup -------------------------------------------------------------------------------
 
@@ -269,16 +271,16 @@ class Replayer:
 
     # -- the loops ---------------------------------------------------------------------------
 
-    def _count(self, reader: BoundedReader, tally: Tally) -> None:
+    def _count(self, reader: BoundedReader, summary: Summary) -> None:
         while not reader.done() and not self._stop:
             for m in reader.take(self.batch_size, POLL_S):
                 headers = cast(Headers, m.headers() or [])
                 decision = decide(headers, self.selection)
-                tally.add([(decision, reason_of(headers))])
-                if decision == "replay" and len(tally.examples) < DRY_RUN_EXAMPLES:
-                    tally.examples.append(example(m, headers))
+                summary.add([(decision, reason_of(headers))])
+                if decision == "replay" and len(summary.examples) < DRY_RUN_EXAMPLES:
+                    summary.examples.append(example(m, headers))
 
-    def _replay(self, reader: BoundedReader, producer: Producer, tally: Tally) -> None:
+    def _replay(self, reader: BoundedReader, producer: Producer, summary: Summary) -> None:
         committed = dict(reader.position)
         started = time.monotonic()
         backoff_s = BACKOFF_START_S
@@ -299,9 +301,9 @@ class Replayer:
                 continue
             backoff_s = BACKOFF_START_S
             committed.update(offsets)
-            tally.add([(d, r) for d, r, _ in decisions])
+            summary.add([(d, r) for d, r, _ in decisions])
             log.debug("replay batch committed", extra={"messages": len(batch), "offsets": _show(offsets)})
-            self._pace(started, sum(tally.replayed.values()))
+            self._pace(started, sum(summary.replayed.values()))
 
     def _decision(self, m: Message) -> tuple[Decision, str, Headers]:
         headers = cast(Headers, m.headers() or [])
