@@ -90,7 +90,7 @@ def test_replay_after_a_fix_routes_every_dead_letter_once_despite_kill_9(
     # And the replay is killed with SIGKILL mid-run, then run again to the end
     log = tmp_path / "replay.log"
     first = start_cli(env, log, "replay", "--from", topics.dlq, "--to", topics.input, "--reason", "too_large",
-                      "--max-rate", "200")  # fmt: skip
+                      "--max-rate", "100")  # fmt: skip
     try:
         read_outputs(kafka_bootstrap, [topics.input], expect=100, timeout_s=60, quiet_s=0, start=input_end)
         first.send_signal(signal.SIGKILL)
