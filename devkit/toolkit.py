@@ -193,14 +193,19 @@ def end_offsets(bootstrap: str, topics: list[str]) -> dict[tuple[str, int], int]
         consumer.close()
 
 
-def start_worker(env: Mapping[str, str], log_path: Path, *args: str) -> subprocess.Popen[bytes]:
-    """`classify-worker run` as a real subprocess (so it can be killed with -9), its output
+def start_cli(env: Mapping[str, str], log_path: Path, *args: str) -> subprocess.Popen[bytes]:
+    """`classify-worker <args>` as a real subprocess (so it can be killed with -9), its output
     appended to `log_path`, its settings from `env` over this process's environment."""
     full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
     with log_path.open("ab") as log:
         return subprocess.Popen(  # noqa: S603 - our own CLI
-            [sys.executable, "-m", "worker.cli", "run", *args], env=full_env, stdout=log, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "worker.cli", *args], env=full_env, stdout=log, stderr=subprocess.STDOUT
         )
+
+
+def start_worker(env: Mapping[str, str], log_path: Path, *args: str) -> subprocess.Popen[bytes]:
+    """`classify-worker run <args>`: see `start_cli`."""
+    return start_cli(env, log_path, "run", *args)
 
 
 def stop_worker(proc: subprocess.Popen[bytes], timeout_s: float = 15.0) -> None:

@@ -1,4 +1,5 @@
-"""`classify-worker`: run the worker, classify from the shell, manage topics, train, evaluate.
+"""`classify-worker`: run the worker, classify from the shell, manage topics, train, evaluate,
+replay dead letters, report on a shadow model.
 
 Logging is configured here and nowhere else.
 """
@@ -148,7 +149,7 @@ def classify(
         from worker.pipeline import build_pipeline
         from worker.records import Record
 
-        pipeline = build_pipeline(settings)
+        pipeline = build_pipeline(settings, shadow=False)
         lines = texts if texts else [line.rstrip("\n") for line in sys.stdin]
         records = [Record(orjson.dumps({"id": str(i), "text": t}), topic="cli", offset=i) for i, t in enumerate(lines)]
         out = sys.stdout.buffer
@@ -281,6 +282,103 @@ def evaluate_cmd(
             typer.echo(json.dumps(result, indent=2))
         else:
             _print_metrics(result, title=f"{bundle.model_id} on {data.name} ({split})")
+
+
+@app.command()
+def replay(
+    source: Annotated[
+        str | None, typer.Option("--from", help="Dead-letter topic to read (default: CW_TOPICS__DLQ, classify.dlq).")
+    ] = None,
+    target: Annotated[
+        str | None, typer.Option("--to", help="Topic to re-drive to (default: CW_TOPICS__INPUT, classify.in).")
+    ] = None,
+    reason: Annotated[
+        list[str] | None, typer.Option(help="Only dead letters with this error.reason (repeat the option).")
+    ] = None,
+    start_offset: Annotated[int | None, typer.Option(min=0, help="Window start offset, every partition.")] = None,
+    end_offset: Annotated[
+        int | None, typer.Option(min=0, help="Window end offset (exclusive), every partition.")
+    ] = None,
+    since: Annotated[str | None, typer.Option(help="Window start time: ISO 8601 (UTC if no zone) or epoch ms.")] = None,
+    until: Annotated[str | None, typer.Option(help="Window end time (exclusive).")] = None,
+    max_replays: Annotated[
+        int, typer.Option(min=1, help="Skip (and count) a message already replayed this many times.")
+    ] = 3,
+    group: Annotated[
+        str | None, typer.Option(help="Consumer group and transactional id (default: derived from the selection).")
+    ] = None,
+    max_rate: Annotated[float | None, typer.Option(min=1, help="At most this many messages per second.")] = None,
+    dry_run: Annotated[
+        bool, typer.Option(help="Count by reason and show examples; produce and commit nothing.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Re-drive dead letters to the input topic exactly once, without their error.*/source.* headers."""
+    with _errors():
+        settings = _settings(config)
+        from worker.kafka_util import parse_time
+        from worker.replay import Replayer, Selection
+
+        selection = Selection(
+            source=source or settings.topics.dlq,
+            target=target or settings.topics.input,
+            reasons=frozenset(reason or ()),
+            start_offset=start_offset,
+            end_offset=end_offset,
+            since_ms=parse_time(since) if since else None,
+            until_ms=parse_time(until) if until else None,
+            max_replays=max_replays,
+        )
+        replayer = Replayer(settings, selection, group=group, max_rate=max_rate)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: replayer.request_stop())
+        summary = replayer.run(dry_run=dry_run).as_dict()
+        if as_json:
+            typer.echo(json.dumps(summary))
+        else:
+            _print_replay(selection.source, selection.target, summary)
+
+
+def _print_replay(source: str, target: str, summary: dict[str, Any]) -> None:
+    def line(title: str, counts: dict[str, int]) -> str:
+        detail = " ".join(f"{k}={v}" for k, v in counts.items())
+        return f"{title:<28}{sum(counts.values()):>8}  {detail}".rstrip()
+
+    dry = " (dry run: nothing produced or committed)" if summary["dry_run"] else ""
+    typer.echo(f"{source} -> {target}  group {summary['group']}{dry}")
+    typer.echo(line("would replay" if summary["dry_run"] else "replayed", summary["replayed"]))
+    typer.echo(line("skipped: max replays reached", summary["skipped_max_replays"]))
+    typer.echo(line("not selected (--reason)", summary["not_selected"]))
+    for ex in summary["examples"]:
+        typer.echo(
+            f"  {ex['partition']}:{ex['offset']} key={ex['key']!r} {ex['reason']}: {ex['message']} "
+            f"(from {ex['source']}, {ex['bytes']} bytes, replayed {ex['replay_count']}x)"
+        )
+
+
+@app.command("shadow-report")
+def shadow_report(
+    topic: Annotated[str | None, typer.Option(help="Shadow topic (default: CW_SHADOW__TOPIC).")] = None,
+    since: Annotated[str | None, typer.Option(help="Only records from this time: ISO 8601 or epoch ms.")] = None,
+    examples: Annotated[int, typer.Option(min=0, help="Disagreements to show per model pair.")] = 5,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the reports as JSON.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Summarize the shadow topic: disagreement rate, live -> shadow route matrix, examples."""
+    with _errors():
+        settings = _settings(config)
+        from worker.kafka_util import parse_time
+        from worker.shadow_report import format_report, read_shadow, summarize
+
+        records = read_shadow(settings, topic or settings.shadow.topic, parse_time(since) if since else None)
+        reports = summarize(records, examples)
+        if as_json:
+            typer.echo(json.dumps([r.as_dict() for r in reports]))
+        elif not reports:
+            typer.echo("no shadow records")
+        else:
+            typer.echo("\n\n".join(format_report(r) for r in reports))
 
 
 def _print_metrics(result: dict[str, Any], title: str) -> None:

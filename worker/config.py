@@ -98,6 +98,15 @@ class RoutingSettings(_Section):
     threshold: float | None = Field(default=None, ge=0.0, le=1.0)
 
 
+class ShadowSettings(_Section):
+    """A candidate bundle scored beside the live one; it never changes routing or delivery."""
+
+    #: A bundle directory to shadow-score every batch with; None = shadow mode off.
+    model_path: Path | None = None
+    #: Where disagreements and per-batch tallies go, in the batch's own transaction.
+    topic: str = "classify.shadow"
+
+
 class MetricsSettings(_Section):
     port: int = Field(default=9108, ge=0, le=65535)
     host: str = "0.0.0.0"  # noqa: S104 - a metrics endpoint must be reachable by the scraper
@@ -115,6 +124,7 @@ class Settings(BaseSettings):
     limits: LimitSettings = LimitSettings()
     model: ModelSettings = ModelSettings()
     routing: RoutingSettings = RoutingSettings()
+    shadow: ShadowSettings = ShadowSettings()
     metrics: MetricsSettings = MetricsSettings()
     delivery: Literal["exactly_once", "at_least_once"] = "exactly_once"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

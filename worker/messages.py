@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, RootModel
 
 #: Header names are part of the contract: consumers filter on them without parsing values.
 ROUTE_HEADERS = ("route.category", "route.label", "route.score", "route.model")
@@ -23,6 +23,9 @@ ERROR_MESSAGE = "error.message"
 SOURCE_TOPIC = "source.topic"
 SOURCE_PARTITION = "source.partition"
 SOURCE_OFFSET = "source.offset"
+#: How many times `classify-worker replay` has re-driven this message from the DLQ; replay skips
+#: it at `--max-replays`, so a message that fails every time cannot loop.
+REPLAY_COUNT = "replay.count"
 
 
 class Inbound(BaseModel):
@@ -86,10 +89,61 @@ class DeadLetterHeaders(BaseModel):
     offset: int = Field(alias="source.offset")
 
 
+#: The route of an item sent to the fallback topic, in shadow records and metrics: a route is
+#: where the item goes (its category topic, or fallback), which is what a consumer would notice.
+FALLBACK_ROUTE = "fallback"
+
+
+class ShadowVerdict(BaseModel):
+    """What one model decided for an item."""
+
+    model_config = ConfigDict(frozen=True)
+
+    model: str
+    route: str = Field(description="The category whose topic the item goes to, or 'fallback'.")
+    label: str
+    score: float = Field(ge=0.0, le=1.0, description="Probability of the top label.")
+    category_score: float = Field(ge=0.0, le=1.0, description="What the fallback threshold is compared with.")
+
+
+class ShadowDisagreement(BaseModel):
+    """One item the shadow model would have routed elsewhere; keyed like the input."""
+
+    model_config = ConfigDict(frozen=True, title="ShadowDisagreement")
+
+    type: Literal["disagreement"] = "disagreement"
+    id: str
+    primary: ShadowVerdict
+    shadow: ShadowVerdict
+
+
+class ShadowTally(BaseModel):
+    """One per batch: how many items both models scored, by primary route → shadow route.
+
+    Written in the batch's transaction with its disagreements, so totals read from the topic are
+    exact without a record per agreeing item."""
+
+    model_config = ConfigDict(frozen=True, title="ShadowTally")
+
+    type: Literal["tally"] = "tally"
+    primary_model: str
+    shadow_model: str
+    items: int = Field(ge=0, description="Items scored by both models.")
+    unscored: int = Field(default=0, ge=0, description="Items the shadow model failed on (routing unaffected).")
+    routes: dict[str, dict[str, int]] = Field(description="Primary route → shadow route → items; diagonal = agreed.")
+
+
+class ShadowRecord(RootModel[Annotated[ShadowDisagreement | ShadowTally, Field(discriminator="type")]]):
+    """What the shadow topic carries: disagreements and per-batch tallies."""
+
+    model_config = ConfigDict(title="ShadowRecord")
+
+
 SCHEMAS: dict[str, type[BaseModel]] = {
     "inbound": Inbound,
     "routed": Routed,
     "dead-letter-headers": DeadLetterHeaders,
+    "shadow": ShadowRecord,
 }
 
 

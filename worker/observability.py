@@ -18,6 +18,7 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from worker.messages import ShadowTally
 from worker.model.bundle import Bundle
 from worker.pipeline import Outcome
 from worker.records import Outgoing
@@ -143,17 +144,32 @@ class PrometheusHooks(Hooks):
         self.model_info = Gauge("classify_model_info", "The loaded model.", ["model", "version"], registry=registry)
         for outcome in ("routed", "fallback", "dead_letter"):
             self.messages.labels(outcome)
+        self.shadow_items = Counter(
+            "classify_shadow_items", "Items the shadow model scored beside the live one.", registry=registry
+        )
+        self.shadow_disagreements = Counter(
+            "classify_shadow_disagreements",
+            "Items the shadow model would have routed elsewhere: live route (from) to shadow route (to).",
+            ["from", "to"],
+            registry=registry,
+        )
+        self.shadow_unscored = Counter(
+            "classify_shadow_unscored", "Items the shadow model failed on (routing unaffected).", registry=registry
+        )
 
     def on_model(self, bundle: Bundle) -> None:
         self.model_info.labels(bundle.name, bundle.version).set(1)
 
     def on_batch(self, outcome: Outcome) -> None:
-        self.batch_size.observe(len(outcome.outgoing))
+        self.batch_size.observe(sum(1 for out in outcome.outgoing if out.kind != "shadow"))
         self.inference.observe(outcome.inference_seconds)
 
     def on_committed(self, outgoing: Sequence[Outgoing], now_ms: int) -> None:
         counts: dict[tuple[str, str], int] = {}
         for out in outgoing:
+            if out.kind == "shadow":
+                self._count_shadow(out)
+                continue
             counts[(out.kind, out.detail)] = counts.get((out.kind, out.detail), 0) + 1
             if out.source.timestamp_ms is not None:
                 self.end_to_end.observe(max(0, now_ms - out.source.timestamp_ms) / 1000)
@@ -163,6 +179,18 @@ class PrometheusHooks(Hooks):
                 self.dead_letter.labels(detail).inc(n)
             else:  # per output topic: a fallback item counts as "fallback", not its best guess
                 self.routed.labels("fallback" if kind == "fallback" else detail).inc(n)
+
+    def _count_shadow(self, out: Outgoing) -> None:
+        """From the committed tally records, so the metrics and the shadow topic agree."""
+        if out.detail != "tally" or out.value is None:
+            return
+        tally = ShadowTally.model_validate_json(out.value)
+        self.shadow_items.inc(tally.items)
+        self.shadow_unscored.inc(tally.unscored)
+        for primary, row in tally.routes.items():
+            for shadow, n in row.items():
+                if shadow != primary:
+                    self.shadow_disagreements.labels(primary, shadow).inc(n)
 
     def on_batch_failed(self, stage: str) -> None:
         self.failures.labels(stage).inc()

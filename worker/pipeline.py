@@ -3,12 +3,19 @@
 Pure (no Kafka import) so every decision is unit-tested without a broker, and both engines
 share it. Each inbound record yields exactly one outgoing record, in input order: routed,
 fallback, or dead-letter with the original bytes and a reason.
+
+With a shadow model (`CW_SHADOW__MODEL_PATH`), the batch's valid items are scored a second time
+after routing; its disagreements and one tally per batch are appended as `shadow` records, so
+whichever engine commits the batch commits them in the same transaction. Nothing the shadow
+computes is read back by routing, and a shadow failure is counted, never raised.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -19,15 +26,21 @@ from worker.errors import DecodeError
 from worker.messages import (
     ERROR_MESSAGE,
     ERROR_REASON,
+    FALLBACK_ROUTE,
     SOURCE_OFFSET,
     SOURCE_PARTITION,
     SOURCE_TOPIC,
     Inbound,
+    ShadowDisagreement,
+    ShadowTally,
+    ShadowVerdict,
 )
 from worker.model.bundle import load_bundle
 from worker.model.classifier import Classifier, Prediction
 from worker.records import Headers, OutcomeKind, Outgoing, Record
-from worker.routing import Router
+from worker.routing import Decision, Router
+
+log = logging.getLogger(__name__)
 
 _BOM = "\ufeff"
 
@@ -43,6 +56,43 @@ class _Valid:
     record: Record
     body: dict[str, Any]
     text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """One model's decision on one item: its prediction, category score and route."""
+
+    prediction: Prediction
+    category_score: float
+    decision: Decision
+
+    @property
+    def route(self) -> str:
+        """Where the item goes: its category, or `fallback` (what shadow disagreement compares)."""
+        return FALLBACK_ROUTE if self.decision.fallback else self.decision.category
+
+    def summary(self, model: str) -> ShadowVerdict:
+        p = self.prediction
+        return ShadowVerdict(
+            model=model,
+            route=self.route,
+            label=p.label,
+            score=round(p.score, 6),
+            category_score=round(self.category_score, 6),
+        )
+
+
+def judge(classifier: Classifier, router: Router, texts: list[str]) -> tuple[list[Verdict], float]:
+    """Classify and route `texts`; also return the seconds spent in inference."""
+    started = time.perf_counter()
+    probs = classifier.predict_proba(texts)
+    inference_seconds = time.perf_counter() - started
+    predictions = classifier.predictions(probs)
+    category_scores = router.category_scores(probs).tolist()
+    verdicts = [
+        Verdict(p, score, router.route(p.label, score)) for p, score in zip(predictions, category_scores, strict=True)
+    ]
+    return verdicts, inference_seconds
 
 
 def _schema_message(e: ValidationError) -> str:
@@ -90,6 +140,51 @@ def dead_letter(record: Record, topic: str, reason: str, message: str) -> Outgoi
     return Outgoing(topic, record.value, record.key, headers, "dead_letter", record, reason)
 
 
+class Shadow:
+    """A candidate bundle scored on the items the primary just routed; see the module docstring."""
+
+    def __init__(self, classifier: Classifier, router: Router, topic: str) -> None:
+        self.classifier = classifier
+        self.router = router
+        self.topic = topic
+        self.model_id = classifier.bundle.model_id
+        self._failure_logged = False
+
+    def compare(self, items: list[_Valid], primary: list[Verdict], primary_model: str) -> list[Outgoing]:
+        """Disagreement records, then the batch's tally; only a tally of unscored items on failure."""
+        try:
+            theirs, _ = judge(self.classifier, self.router, [item.text for item in items])
+        except Exception as e:  # any shadow failure: the batch must still be delivered as routed
+            if not self._failure_logged:
+                log.warning("shadow model failed; counting unscored items", extra={"error": str(e)[:500]})
+                self._failure_logged = True
+            return [self._tally(items[0].record, primary_model, {}, unscored=len(items))]
+        out: list[Outgoing] = []
+        routes: dict[str, dict[str, int]] = {}
+        for item, mine, other in zip(items, primary, theirs, strict=True):
+            row = routes.setdefault(mine.route, {})
+            row[other.route] = row.get(other.route, 0) + 1
+            if mine.route != other.route:
+                out.append(self._disagreement(item, mine.summary(primary_model), other.summary(self.model_id)))
+        out.append(self._tally(items[0].record, primary_model, routes))
+        return out
+
+    def _disagreement(self, item: _Valid, primary: ShadowVerdict, shadow: ShadowVerdict) -> Outgoing:
+        doc = ShadowDisagreement(id=str(item.body["id"]), primary=primary, shadow=shadow)
+        r = item.record
+        return Outgoing(self.topic, orjson.dumps(doc.model_dump()), r.key, list(r.headers), "shadow", r, "disagreement")
+
+    def _tally(
+        self, source: Record, primary_model: str, routes: dict[str, dict[str, int]], unscored: int = 0
+    ) -> Outgoing:
+        items = sum(n for row in routes.values() for n in row.values())
+        tally = ShadowTally(
+            primary_model=primary_model, shadow_model=self.model_id, items=items, unscored=unscored, routes=routes
+        )
+        # keyless, so tallies spread over the partitions; the batch's first item stands as its source
+        return Outgoing(self.topic, orjson.dumps(tally.model_dump()), None, [], "shadow", source, "tally")
+
+
 class Pipeline:
     def __init__(
         self,
@@ -99,12 +194,14 @@ class Pipeline:
         dlq_topic: str,
         max_input_bytes: int,
         max_output_bytes: int,
+        shadow: Shadow | None = None,
     ) -> None:
         self.classifier = classifier
         self.router = router
         self.dlq_topic = dlq_topic
         self.max_input_bytes = max_input_bytes
         self.max_output_bytes = max_output_bytes
+        self.shadow = shadow
         self.model_id = classifier.bundle.model_id
 
     def process(self, records: list[Record]) -> Outcome:
@@ -117,17 +214,17 @@ class Pipeline:
                 slots.append(None)
             except DecodeError as e:
                 slots.append(dead_letter(record, self.dlq_topic, e.reason, e.message))
-        started = time.perf_counter()
-        probs = self.classifier.predict_proba([v.text for _, v in valid])
-        inference_seconds = time.perf_counter() - started
-        predictions = self.classifier.predictions(probs)
-        category_scores = self.router.category_scores(probs).tolist()
-        for (slot, item), prediction, category_score in zip(valid, predictions, category_scores, strict=True):
-            slots[slot] = self._routed(item, prediction, category_score)
-        return Outcome([s for s in slots if s is not None], inference_seconds)
+        items = [item for _, item in valid]
+        verdicts, inference_seconds = judge(self.classifier, self.router, [item.text for item in items])
+        for (slot, item), verdict in zip(valid, verdicts, strict=True):
+            slots[slot] = self._routed(item, verdict)
+        outgoing = [s for s in slots if s is not None]
+        if self.shadow is not None and items:
+            outgoing += self.shadow.compare(items, verdicts, self.model_id)
+        return Outcome(outgoing, inference_seconds)
 
-    def _routed(self, item: _Valid, prediction: Prediction, category_score: float) -> Outgoing:
-        decision = self.router.route(prediction.label, category_score)
+    def _routed(self, item: _Valid, verdict: Verdict) -> Outgoing:
+        prediction, category_score, decision = verdict.prediction, verdict.category_score, verdict.decision
         route: dict[str, Any] = {
             "category": decision.category,
             "category_score": round(category_score, 6),
@@ -160,16 +257,26 @@ class Pipeline:
         return Outgoing(decision.topic, value, record.key, headers, kind, record, decision.category)
 
 
-def build_pipeline(settings: Settings) -> Pipeline:
-    """Load the bundle named by the settings and wire classifier, router and pipeline."""
-    bundle = load_bundle(settings.model.path)
-    m = settings.model
-    classifier = Classifier(bundle, token_budget=m.token_budget, top_k=m.top_k, stride=m.stride, threads=m.threads)
-    router = Router(bundle.routes, bundle.labels, settings)
+def build_pipeline(settings: Settings, *, shadow: bool = True) -> Pipeline:
+    """Load the bundle named by the settings (and the shadow bundle, if any and `shadow`) and wire
+    classifier, router and pipeline."""
+    classifier, router = _load(settings, settings.model.path)
+    candidate = None
+    if shadow and settings.shadow.model_path is not None:
+        candidate = Shadow(*_load(settings, settings.shadow.model_path), settings.shadow.topic)
     return Pipeline(
         classifier,
         router,
         dlq_topic=settings.topics.dlq,
         max_input_bytes=settings.limits.max_input_bytes,
         max_output_bytes=settings.limits.max_output_bytes,
+        shadow=candidate,
     )
+
+
+def _load(settings: Settings, path: Path | None) -> tuple[Classifier, Router]:
+    """A classifier and its router; a shadow bundle is routed with the same settings as the live one."""
+    bundle = load_bundle(path)
+    m = settings.model
+    classifier = Classifier(bundle, token_budget=m.token_budget, top_k=m.top_k, stride=m.stride, threads=m.threads)
+    return classifier, Router(bundle.routes, bundle.labels, settings)

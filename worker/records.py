@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 Headers = list[tuple[str, bytes | None]]
-OutcomeKind = Literal["routed", "fallback", "dead_letter"]
+#: `shadow`: a shadow model's disagreement or batch tally, produced beside the item's own output.
+OutcomeKind = Literal["routed", "fallback", "dead_letter", "shadow"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,7 +27,7 @@ class Record:
 
 @dataclass(frozen=True, slots=True)
 class Outgoing:
-    """One message to produce; exactly one per inbound record."""
+    """One message to produce: exactly one per inbound record, plus any shadow records."""
 
     topic: str
     value: bytes | None
@@ -34,5 +35,5 @@ class Outgoing:
     headers: Headers
     kind: OutcomeKind
     source: Record
-    #: The routed category, or the dead-letter reason code.
+    #: The routed category, the dead-letter reason code, or the shadow record's type.
     detail: str

@@ -1,4 +1,5 @@
-"""Create the topics a deployment needs, idempotently: input, one per category, fallback, DLQ."""
+"""Create the topics a deployment needs, idempotently: input, one per category, fallback, DLQ,
+and the shadow topic when a shadow model is set."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ ADMIN_TIMEOUT_S = 30.0
 
 
 def required_topics(settings: Settings, router: Router) -> list[str]:
-    return sorted({settings.topics.input, settings.topics.dlq, *router.topics()})
+    shadow = [settings.shadow.topic] if settings.shadow.model_path is not None else []
+    return sorted({settings.topics.input, settings.topics.dlq, *router.topics(), *shadow})
 
 
 def missing_topics(admin: AdminClient, names: Iterable[str]) -> list[str]:

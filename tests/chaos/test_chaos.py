@@ -29,12 +29,12 @@ from pathlib import Path
 
 import pytest
 from confluent_kafka import Consumer, IsolationLevel, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec
+from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from devkit.apache_kafka import LocalKafka
 from devkit.toolkit import Sent, produce, read_outputs, start_worker, stop_worker
 from tests.support import scenario
-from tests.support.kafka import Broker, TopicSet
+from tests.support.kafka import Broker, TopicSet, create_topic
 
 pytestmark = [pytest.mark.chaos, pytest.mark.integration]
 
@@ -196,9 +196,7 @@ def test_crashes_rebalances_zombies_and_broker_faults_lose_nothing(
         pytest.skip("the embedded Tansu broker shows aborted records and does not fence zombies: no proof possible")
     kafka = broker.kafka
     run = Run(broker.bootstrap, tiny_bundle, tmp_path, delivery)
-    admin = AdminClient({"bootstrap.servers": broker.bootstrap})
-    for f in admin.create_topics([NewTopic(run.topics.input, PARTITIONS, 1)]).values():
-        f.result(30)
+    create_topic(broker.bootstrap, run.topics.input, PARTITIONS)
     outputs = run.topics.outputs(CATEGORIES)
     messages, expected = scenario.build(MESSAGES, malformed_every=50)
     sent: list[Sent] = []

@@ -3,32 +3,19 @@ that broker), and the CLI's failure modes."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from devkit.toolkit import read_outputs
+from tests.support.kafka import create_topic, run_cli
+
 pytestmark = pytest.mark.integration
-
-
-def _cli(
-    *args: str, env: dict[str, str], timeout: float = 180, module: str = "worker.cli"
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
 
 
 def test_demo_routes_every_message_exactly_once_on_its_embedded_broker(tiny_bundle: Path) -> None:
     env = {"CW_MODEL__PATH": str(tiny_bundle)}
-    result = _cli("demo", env=env, module="devkit")
+    result = run_cli(env, "demo", timeout_s=180, module="devkit")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout
     assert "every message routed exactly once" in out
@@ -38,20 +25,20 @@ def test_demo_routes_every_message_exactly_once_on_its_embedded_broker(tiny_bund
 
 
 def test_invalid_settings_exit_2_with_one_line() -> None:
-    result = _cli("run", env={"CW_BATCH__MAX_ITEMS": "lots"}, timeout=60)
+    result = run_cli({"CW_BATCH__MAX_ITEMS": "lots"}, "run", timeout_s=60)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "CW_BATCH__MAX_ITEMS" in lines[0], result.stderr
 
 
 def test_missing_model_exits_3_naming_the_path(tmp_path: Path) -> None:
-    result = _cli("classify", "hello", env={"CW_MODEL__PATH": str(tmp_path / "nope")}, timeout=60)
+    result = run_cli({"CW_MODEL__PATH": str(tmp_path / "nope")}, "classify", "hello", timeout_s=60)
     assert result.returncode == 3
     assert str(tmp_path / "nope") in result.stderr
 
 
 def test_classify_prints_routed_json_lines(tiny_bundle: Path) -> None:
-    result = _cli("classify", "my balance", "", env={"CW_MODEL__PATH": str(tiny_bundle)}, timeout=60)
+    result = run_cli({"CW_MODEL__PATH": str(tiny_bundle)}, "classify", "my balance", "", timeout_s=60)
     assert result.returncode == 0, result.stderr
     first, second = result.stdout.splitlines()
     assert '"category":"banking"' in first
@@ -59,24 +46,11 @@ def test_classify_prints_routed_json_lines(tiny_bundle: Path) -> None:
 
 
 def test_sample_traffic_sends_the_requested_count(kafka_bootstrap: str, tmp_path: Path) -> None:
-    from confluent_kafka.admin import AdminClient, NewTopic
-
-    from devkit.toolkit import read_outputs
 
     topic = f"sample-{tmp_path.name}"
-    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
-    for f in admin.create_topics([NewTopic(topic, 1, 1)]).values():
-        f.result(30)
-    result = _cli(
-        "sample-traffic",
-        "--rate",
-        "500",
-        "--count",
-        "300",
-        env={"CW_KAFKA__BOOTSTRAP_SERVERS": kafka_bootstrap, "CW_TOPICS__INPUT": topic},
-        timeout=60,
-        module="devkit",
-    )
+    create_topic(kafka_bootstrap, topic, 1)
+    env = {"CW_KAFKA__BOOTSTRAP_SERVERS": kafka_bootstrap, "CW_TOPICS__INPUT": topic}
+    result = run_cli(env, "sample-traffic", "--rate", "500", "--count", "300", timeout_s=60, module="devkit")
     assert result.returncode == 0, result.stderr
     got = read_outputs(kafka_bootstrap, [topic], expect=300, timeout_s=30)
     keys = [o.key for o in got]

@@ -11,12 +11,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient
 from prometheus_client import CollectorRegistry
 
 from devkit.toolkit import read_outputs
 from tests.support import scenario
-from tests.support.kafka import TopicSet, produce
+from tests.support.kafka import TopicSet, create_topic, produce
 from worker.config import load_settings
 from worker.engines.confluent import TOPIC_CHECK_INTERVAL_S, ConfluentEngine
 from worker.errors import InferenceError
@@ -30,9 +30,7 @@ CATEGORIES = ["banking", "travel", "weather"]
 @pytest.fixture
 def topics(kafka_bootstrap: str) -> Iterator[TopicSet]:
     t = TopicSet.fresh()
-    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
-    for f in admin.create_topics([NewTopic(t.input, 3, 1)]).values():
-        f.result(30)
+    create_topic(kafka_bootstrap, t.input, 3)
     yield t
 
 

@@ -13,13 +13,12 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from confluent_kafka.admin import AdminClient, NewTopic
 from prometheus_client.parser import text_string_to_metric_families
 
 from devkit.ports import free_port
 from devkit.toolkit import read_outputs, start_worker
 from tests.support import scenario
-from tests.support.kafka import TopicSet, produce, wait_for_log
+from tests.support.kafka import TopicSet, create_topic, produce, wait_for_log
 
 pytestmark = pytest.mark.integration
 CATEGORIES = ["banking", "travel", "weather"]
@@ -36,12 +35,6 @@ def _env(topics: TopicSet, bootstrap: str, bundle: Path, instance: str, delivery
         "CW_TOPICS__PARTITIONS": str(PARTITIONS),
         "CW_METRICS__PORT": "0",
     }
-
-
-def _create_input(bootstrap: str, topic: str) -> None:
-    admin = AdminClient({"bootstrap.servers": bootstrap})  # must outlive the futures
-    for f in admin.create_topics([NewTopic(topic, PARTITIONS, 1)]).values():
-        f.result(30)
 
 
 def _processed(log: Path) -> int:
@@ -77,7 +70,7 @@ def test_mixed_stream_is_routed_and_dead_lettered(
 ) -> None:
     # Given 1,000 messages, 50 of them malformed in 14 different ways, already in the input topic
     topics = TopicSet.fresh()
-    _create_input(kafka_bootstrap, topics.input)
+    create_topic(kafka_bootstrap, topics.input, PARTITIONS)
     messages, expected = scenario.build(1000)
     produce(kafka_bootstrap, topics.input, messages)
 
@@ -98,7 +91,7 @@ def test_two_workers_split_the_partitions_and_deliver_exactly_once(
 ) -> None:
     # Given two workers in one group, both holding partitions
     topics = TopicSet.fresh()
-    _create_input(kafka_bootstrap, topics.input)
+    create_topic(kafka_bootstrap, topics.input, PARTITIONS)
     logs = [tmp_path / "w1.log", tmp_path / "w2.log"]
     workers = [
         start_worker(_env(topics, kafka_bootstrap, tiny_bundle, f"w{i}", "exactly_once"), logs[i], "--idle-exit", "8")
@@ -148,7 +141,7 @@ def test_metrics_count_what_was_routed_and_sigterm_stops_cleanly(
 ) -> None:
     # Given a running worker with its metrics server on a known port
     topics = TopicSet.fresh()
-    _create_input(kafka_bootstrap, topics.input)
+    create_topic(kafka_bootstrap, topics.input, PARTITIONS)
     port = free_port()
     env = {**_env(topics, kafka_bootstrap, tiny_bundle, "m1", "exactly_once"), "CW_METRICS__PORT": str(port)}
     log = tmp_path / "worker.log"
@@ -192,7 +185,7 @@ def test_metrics_count_what_was_routed_and_sigterm_stops_cleanly(
 def test_faust_worker_killed_mid_stream_loses_nothing(kafka_bootstrap: str, tiny_bundle: Path, tmp_path: Path) -> None:
     # Given a Faust worker halfway through 3,000 messages
     topics = TopicSet.fresh()
-    _create_input(kafka_bootstrap, topics.input)
+    create_topic(kafka_bootstrap, topics.input, PARTITIONS)
     messages, expected = scenario.build(3000)
     produce(kafka_bootstrap, topics.input, messages)
     env = {**_env(topics, kafka_bootstrap, tiny_bundle, "f1", "at_least_once"), "CW_BATCH__MAX_ITEMS": "50"}

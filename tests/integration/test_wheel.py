@@ -10,11 +10,10 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from confluent_kafka.admin import AdminClient, NewTopic
 
 from devkit.toolkit import read_outputs
 from tests.support import scenario
-from tests.support.kafka import TopicSet, produce
+from tests.support.kafka import TopicSet, create_topic, produce
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -64,9 +63,7 @@ def test_worker_installed_from_the_wheel_routes_on_the_broker(
 
     # When that worker runs a bounded job over 300 mixed messages
     topics = TopicSet.fresh()
-    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
-    for f in admin.create_topics([NewTopic(topics.input, 3, 1)]).values():
-        f.result(30)
+    create_topic(kafka_bootstrap, topics.input, 3)
     messages, expected = scenario.build(300)
     produce(kafka_bootstrap, topics.input, messages)
     worker_env = {

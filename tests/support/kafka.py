@@ -4,11 +4,16 @@ Worker subprocesses and reading outputs back use `devkit.toolkit`, as the demo a
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+from confluent_kafka.admin import AdminClient, NewTopic
 
 from devkit import toolkit
 from devkit.apache_kafka import LocalKafka
@@ -58,6 +63,26 @@ class TopicSet:
 def produce(bootstrap: str, topic: str, messages: Iterable[Outbound]) -> int:
     """Every message, at once; returns how many were acknowledged."""
     return toolkit.produce(bootstrap, topic, messages).count
+
+
+def create_topic(bootstrap: str, topic: str, partitions: int) -> None:
+    admin = AdminClient({"bootstrap.servers": bootstrap})  # must outlive the futures
+    for f in admin.create_topics([NewTopic(topic, partitions, 1)]).values():
+        f.result(30)
+
+
+def run_cli(
+    env: dict[str, str], *args: str, timeout_s: float = 120, module: str = "worker.cli"
+) -> subprocess.CompletedProcess[str]:
+    """`classify-worker <args>` (or `python -m devkit <args>`) run to completion, output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
 
 
 def wait_for_log(log_path: Path, needle: str, timeout_s: float = 60.0, count: int = 1) -> None:

@@ -49,11 +49,13 @@ def build_tokenizer(padding_to: int | None = None) -> Tokenizer:
     return tok
 
 
-def build_weights(tok: Tokenizer) -> np.ndarray:
+def build_weights(tok: Tokenizer, keywords: dict[str, str] | None = None) -> np.ndarray:
+    """`keywords` re-points some of KEYWORDS' words at other labels (a candidate model that
+    disagrees on them); the vocabulary stays the same."""
     vocab = tok.get_vocab()
     weights = np.zeros((len(vocab), len(LABELS)), dtype=np.float32)
     weights[vocab["[UNK]"], LABELS.index("oos")] = UNKNOWN_WEIGHT
-    for word, label in KEYWORDS.items():
+    for word, label in {**KEYWORDS, **(keywords or {})}.items():
         weights[vocab[word], LABELS.index(label)] = KEYWORD_WEIGHT
     return weights
 
@@ -97,12 +99,14 @@ def build_bundle(
     routes: bool = True,
     padding_to: int | None = None,
     n_outputs: int | None = None,
+    keywords: dict[str, str] | None = None,
+    name: str = "tiny-bow",
 ) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(padding_to)
     tok.save(str(directory / "tokenizer.json"))
-    onnx.save(build_graph(build_weights(tok), n_outputs), str(directory / "model.onnx"))
-    config = {"name": "tiny-bow", "id2label": {str(i): lb for i, lb in enumerate(LABELS)}, "max_length": max_length}
+    onnx.save(build_graph(build_weights(tok, keywords), n_outputs), str(directory / "model.onnx"))
+    config = {"name": name, "id2label": {str(i): lb for i, lb in enumerate(LABELS)}, "max_length": max_length}
     (directory / "config.json").write_text(json.dumps(config))
     if routes:
         doc = {"categories": CATEGORIES, "threshold": threshold, "fallback_labels": ["oos"]}

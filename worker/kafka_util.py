@@ -1,0 +1,132 @@
+"""Small confluent-kafka helpers for the operator tools (`replay`, `shadow-report`): wrap a
+client error, retry a transactional call, and read a topic up to end offsets fixed at start.
+
+Kept out of the engine so the tools do not depend on its internals; the engine can adopt them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+
+from worker.errors import ConfigError, FatalDeliveryError
+
+log = logging.getLogger(__name__)
+
+#: Per-call timeout for metadata, offset and transactional calls: far above a healthy round trip.
+CALL_TIMEOUT_S = 30.0
+#: Between retries of a call librdkafka marks retriable: short, it usually succeeds on the next try.
+RETRY_PAUSE_S = 0.1
+
+TP = tuple[str, int]
+
+
+def kafka_error(e: KafkaException) -> KafkaError:
+    """The `KafkaError` inside an exception (librdkafka sometimes raises with a plain string)."""
+    err = e.args[0] if e.args else None
+    return err if isinstance(err, KafkaError) else KafkaError(KafkaError._FAIL, str(err))
+
+
+def retry_call(fn: Callable[[], Any], timeout_s: float = CALL_TIMEOUT_S) -> None:
+    """Call `fn` again while librdkafka says the same call may succeed, up to `timeout_s`.
+
+    A fatal error (fenced by a newer producer with our transactional id) becomes
+    `FatalDeliveryError`; anything else is re-raised for the caller to abort on."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            fn()
+            return
+        except KafkaException as e:
+            err = kafka_error(e)
+            if err.fatal():
+                raise FatalDeliveryError(f"fatal Kafka error: {err.str()}") from e
+            if not err.retriable() or time.monotonic() > deadline:
+                raise
+            time.sleep(RETRY_PAUSE_S)
+
+
+def topic_partitions(consumer: Consumer, topic: str) -> list[TP]:
+    meta = consumer.list_topics(topic, timeout=CALL_TIMEOUT_S).topics.get(topic)
+    if meta is None or meta.error is not None or not meta.partitions:
+        raise KafkaException(KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART, f"topic {topic} not found"))
+    return [(topic, p) for p in sorted(meta.partitions)]
+
+
+def watermarks(consumer: Consumer, tps: list[TP]) -> dict[TP, tuple[int, int]]:
+    """Low and high watermark of each partition, asked of the broker (not cached)."""
+    return {tp: consumer.get_watermark_offsets(TopicPartition(*tp), timeout=CALL_TIMEOUT_S, cached=False) for tp in tps}
+
+
+def parse_time(text: str) -> int:
+    """Milliseconds since the epoch from epoch millis or ISO 8601 (naive means UTC)."""
+    if text.isdigit():
+        return int(text)
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError as e:
+        raise ConfigError(f"not a time: {text!r} (use ISO 8601, e.g. 2026-11-29T18:00:00Z, or epoch ms)") from e
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return int(moment.timestamp() * 1000)
+
+
+def offsets_at(consumer: Consumer, tps: list[TP], timestamp_ms: int, high: dict[TP, int]) -> dict[TP, int]:
+    """First offset at or after `timestamp_ms` per partition; the high watermark where none is."""
+    found = consumer.offsets_for_times([TopicPartition(t, p, timestamp_ms) for t, p in tps], timeout=CALL_TIMEOUT_S)
+    return {(tp.topic, tp.partition): tp.offset if tp.offset >= 0 else high[(tp.topic, tp.partition)] for tp in found}
+
+
+class BoundedReader:
+    """Reads partitions from start offsets up to end offsets fixed beforehand, then is `done`.
+
+    The consumer needs `enable.partition.eof`: read_committed skips transaction markers and
+    aborted records, so the last offset before the end may never arrive as a message; the
+    end-of-partition event tells where the reader really is."""
+
+    def __init__(self, consumer: Consumer, starts: dict[TP, int], ends: dict[TP, int]) -> None:
+        self.consumer = consumer
+        self.ends = ends
+        self.position = {tp: min(starts[tp], ends[tp]) for tp in ends}
+        live = [TopicPartition(t, p, o) for (t, p), o in self.position.items() if o < ends[(t, p)]]
+        consumer.assign(live)
+
+    def done(self) -> bool:
+        return all(self.position[tp] >= end for tp, end in self.ends.items())
+
+    def take(self, max_messages: int, timeout_s: float) -> list[Message]:
+        """Up to `max_messages` messages below the end offsets; fewer when the window ends."""
+        batch = []
+        for m in self.consumer.consume(max_messages, timeout_s):
+            tp = (m.topic() or "", m.partition() or 0)
+            err = m.error()
+            if err is not None:
+                self._on_error(err, tp, m.offset())
+                continue
+            offset = m.offset() or 0
+            if tp not in self.ends or offset >= self.ends[tp]:
+                self.position[tp] = max(self.position.get(tp, 0), self.ends.get(tp, 0))
+                continue
+            self.position[tp] = offset + 1
+            batch.append(m)
+        return batch
+
+    def rewind(self, offsets: dict[TP, int]) -> None:
+        """Read again from `offsets` (after an aborted transaction)."""
+        for tp, offset in offsets.items():
+            self.position[tp] = offset
+            self.consumer.seek(TopicPartition(tp[0], tp[1], offset))
+
+    def _on_error(self, err: KafkaError, tp: TP, offset: int | None) -> None:
+        if err.code() == KafkaError._PARTITION_EOF:
+            if tp in self.position and offset is not None:
+                self.position[tp] = max(self.position[tp], offset)
+            return
+        if err.fatal():
+            raise KafkaException(err)
+        log.warning("consume error", extra={"error": err.str(), "code": err.name()})
