@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, RootModel
 #: Header names are part of the contract: consumers filter on them without parsing values.
 ROUTE_HEADERS = ("route.category", "route.label", "route.score", "route.model")
 #: On every output (routed and dead-letter): "<instance>:<pid>:<seq>", the transaction attempt
-#: that produced it — lineage for operators, and how tests tell committed batches from aborted.
+#: that produced it — lineage for operators tracing an output back to a worker process.
 BATCH_HEADER = "route.batch"
 ERROR_REASON = "error.reason"
 ERROR_MESSAGE = "error.message"

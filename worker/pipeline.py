@@ -27,6 +27,7 @@ from worker.messages import (
     ERROR_MESSAGE,
     ERROR_REASON,
     FALLBACK_ROUTE,
+    ROUTE_HEADERS,
     SOURCE_OFFSET,
     SOURCE_PARTITION,
     SOURCE_TOPIC,
@@ -246,13 +247,8 @@ class Pipeline:
                 "too_large",
                 f"routed value would be {len(value)} bytes, over the {self.max_output_bytes}-byte output limit",
             )
-        headers: Headers = [
-            *record.headers,
-            ("route.category", decision.category.encode()),
-            ("route.label", prediction.label.encode()),
-            ("route.score", f"{prediction.score:.6f}".encode()),
-            ("route.model", self.model_id.encode()),
-        ]
+        values = (decision.category, prediction.label, f"{prediction.score:.6f}", self.model_id)
+        headers: Headers = [*record.headers, *((k, v.encode()) for k, v in zip(ROUTE_HEADERS, values, strict=True))]
         kind: OutcomeKind = "fallback" if decision.fallback else "routed"
         return Outgoing(decision.topic, value, record.key, headers, kind, record, decision.category)
 
