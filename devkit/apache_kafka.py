@@ -74,8 +74,12 @@ def kafka_version() -> str:
 
 
 def _cluster_id() -> str:
-    """The 22-character base64 form of a random UUID, as `kafka-storage random-uuid` prints."""
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    """The 22-character base64 form of a random UUID, as `kafka-storage random-uuid` prints,
+    never starting with "-" (the storage tool would read it as an option: 1 start in 64)."""
+    while True:
+        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cid.startswith("-"):
+            return cid
 
 
 class LocalKafka:
