@@ -68,6 +68,16 @@ class BatchSettings(_Section):
     max_wait_ms: int = Field(default=5, ge=0, le=60_000)
 
 
+class CommitSettings(_Section):
+    #: One transaction (exactly-once) or offset commit (at-least-once) per interval, as Kafka
+    #: Streams does under EOS (its default is 100 ms): a commit's round trips are paid once per
+    #: interval, not per micro-batch, and a message waits at most this long for its commit.
+    interval_ms: int = Field(default=100, ge=1, le=60_000)
+    #: A transaction spanning this many inbound messages commits early: bounds the work redone
+    #: after an abort (at 1,600 items/s, 100 ms holds ~160).
+    max_items: int = Field(default=2_000, ge=1, le=1_000_000)
+
+
 class LimitSettings(_Section):
     #: Inbound values above this are dead-lettered as `too_large` before parsing.
     max_input_bytes: int = Field(default=1_000_000, ge=16)
@@ -112,6 +122,7 @@ class Settings(BaseSettings):
     kafka: KafkaSettings = KafkaSettings()
     topics: TopicSettings = TopicSettings()
     batch: BatchSettings = BatchSettings()
+    commit: CommitSettings = CommitSettings()
     limits: LimitSettings = LimitSettings()
     model: ModelSettings = ModelSettings()
     routing: RoutingSettings = RoutingSettings()
