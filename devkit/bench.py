@@ -205,7 +205,7 @@ def _produce(bootstrap: str, topic: str, texts: list[str]) -> int:
 
 def worker_end_to_end(broker: BenchBroker, texts: list[str], bundle: Path, delivery: str) -> dict[str, Any]:
     """Produce every text first, then let one in-process engine drain them: consume → commit."""
-    settings = load_settings(**_topics_env(broker, uuid.uuid4().hex[:8], delivery), model={"path": bundle})
+    _tag, _env, settings, _outputs = _fresh_deployment(broker, bundle, delivery)  # topics exist before the backlog
     engine = ConfluentEngine(settings, build_pipeline(settings), PrometheusHooks(CollectorRegistry()))
     n = _produce(broker.bootstrap, settings.topics.input, texts)
     cpu_before = time.process_time()

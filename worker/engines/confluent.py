@@ -519,8 +519,8 @@ class ConfluentEngine:
         return max(0, min(self.settings.batch.max_items, max_messages - self.processed - held))
 
     def _commit_due(self, max_messages: int | None) -> bool:
-        """Commit at the interval, and at once when the last of `max_messages` is held."""
-        last = max_messages is not None and self._room(max_messages) == 0
+        """Commit at the interval, and at once when the last of `max_messages` is classified."""
+        last = max_messages is not None and self._inflight is None and self._room(max_messages) == 0
         return self._commit_if(self.delivery.due(time.monotonic()) or last, final=last)
 
     def _idle(self, last_message: float, idle_exit_s: float | None) -> bool:
