@@ -114,6 +114,16 @@ class MetricsSettings(_Section):
     enabled: bool = True
 
 
+#: Consumer fetch defaults (bench/NOTES.md §7); `CW_KAFKA__CONSUMER_CONFIG` overrides them.
+#: Kafka answers a fetch as soon as one byte is there (`fetch.min.bytes` 1), so the wait only
+#: bounds an empty fetch; but librdkafka sends no new fetch (after a rewind's seek, or for newly
+#: assigned partitions) until the outstanding one returns: 100 ms instead of the default 500
+#: caps that delay at a cost of ten empty fetches a second per broker. `queued.min.messages`
+#: stays at librdkafka's 100,000: below a few batches' worth, crossing it postpones the next
+#: fetch by `fetch.queue.backoff.ms` (1 s).
+CONSUMER_FETCH_DEFAULTS: dict[str, LibrdkafkaValue] = {"fetch.wait.max.ms": 100, "fetch.min.bytes": 1}
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="CW_", env_nested_delimiter="__", frozen=True, extra="forbid", case_sensitive=False
@@ -148,6 +158,7 @@ class Settings(BaseSettings):
             "auto.offset.reset": "earliest",
             "session.timeout.ms": self.kafka.session_timeout_ms,
             "partition.assignment.strategy": "cooperative-sticky",
+            **CONSUMER_FETCH_DEFAULTS,
             **self.kafka.config,
             **self.kafka.consumer_config,
             # must win: offsets are committed by us, after delivery, and only committed data is read
