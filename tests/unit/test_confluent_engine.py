@@ -46,6 +46,7 @@ class FakeProducer:
         self.calls: list[str] = []
         self.sent_offsets: list[tuple[str, int, int]] = []
         self.fail_commit = fail_commit
+        self.abort_timeouts = 0
         self.pending: list[Callable[[KafkaError | None, Any], None]] = []
 
     def begin_transaction(self) -> None:
@@ -66,6 +67,9 @@ class FakeProducer:
 
     def abort_transaction(self, _timeout: float) -> None:
         self.calls.append("abort")
+        if self.abort_timeouts:
+            self.abort_timeouts -= 1
+            raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "retry call to resume", retriable=True))
 
     def poll(self, _timeout: float = 0) -> int:
         return 0
@@ -150,6 +154,22 @@ def test_at_least_once_delivery_failure_is_raised_at_the_commit(tiny_bundle: Pat
     with pytest.raises(DeliveryError, match="too large"):
         alo.commit(final=False)
     assert consumer.commits == [], "nothing committed past an undelivered output"
+
+
+def test_an_abort_that_timed_out_is_called_again_before_the_next_transaction(
+    tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given an abort that times out for longer than one abort call retries
+    monkeypatch.setattr("worker.engines.confluent.CALL_TIMEOUT_S", 0.0)
+    producer = FakeProducer()
+    producer.abort_timeouts = 1
+    tx = Transactional(producer, FakeConsumer(), _settings(tiny_bundle), _UnitIds("u"))  # type: ignore[arg-type]
+    tx.add(_batch(0, 1))
+    tx.abort()
+    # When the next micro-batch arrives
+    tx.add(_batch(0, 1))
+    # Then the abort is finished first (librdkafka refuses every other call until it is)
+    assert producer.calls == ["begin", "produce", "abort", "abort", "begin", "produce"]
 
 
 @pytest.fixture

@@ -199,15 +199,25 @@ class _UnitIds:
 
 
 class Transactional:
-    """Exactly-once: one transaction per commit interval, spanning its micro-batches."""
+    """Exactly-once: one transaction per commit interval, spanning its micro-batches. `tick`
+    runs between retries of a commit (liveness while the broker is slow or down)."""
 
-    def __init__(self, producer: Producer, consumer: Consumer, settings: Settings, ids: _UnitIds) -> None:
+    def __init__(
+        self,
+        producer: Producer,
+        consumer: Consumer,
+        settings: Settings,
+        ids: _UnitIds,
+        tick: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._tick = tick
         self._producer = producer
         self._consumer = consumer
         self._interval_s = settings.commit.interval_ms / 1000
         self._max_items = settings.commit.max_items
         self._ids = ids
         self._unit: str | None = None
+        self._abort_pending = False
         self._batches: list[Batch] = []
         self._items = 0
         self._started_at = 0.0
@@ -216,6 +226,7 @@ class Transactional:
         self._batches.append(batch)  # first: a failed begin must still rewind this batch
         self._items += len(batch.records)
         try:
+            self._finish_abort()
             if self._unit is None:
                 self._producer.begin_transaction()
                 self._unit, self._started_at = self._ids.next(), time.monotonic()
@@ -238,22 +249,32 @@ class Transactional:
         p = self._producer
         try:
             group = self._consumer.consumer_group_metadata()
-            _call(lambda: p.send_offsets_to_transaction(offsets, group, CALL_TIMEOUT_S))
-            _call(lambda: p.commit_transaction(CALL_TIMEOUT_S))
+            _call(lambda: p.send_offsets_to_transaction(offsets, group, CALL_TIMEOUT_S), self._tick)
+            _call(lambda: p.commit_transaction(CALL_TIMEOUT_S), self._tick)
         except KafkaException as e:
             _raise_delivery(e, "transaction not committed")
         return self._reset()
 
     def abort(self) -> Committed:
-        if self._unit is not None:
-            try:
-                self._producer.abort_transaction(CALL_TIMEOUT_S)
-            except KafkaException as e:
-                err = _kafka_error(e)
-                if err.fatal():
-                    raise FatalDeliveryError(err.str()) from e
-                log.warning("abort failed", extra={"error": err.str()})
+        self._abort_pending = self._abort_pending or self._unit is not None
+        try:
+            self._finish_abort()
+        except FatalDeliveryError:
+            raise
+        except DeliveryError as e:  # the next `add` calls it again before anything else
+            log.warning("abort failed", extra={"error": str(e)})
         return self._reset()
+
+    def _finish_abort(self) -> None:
+        """librdkafka: an abort that timed out must be called again until it completes; until
+        then every other transactional call fails ("conflicting abort_transaction call")."""
+        if not self._abort_pending:
+            return
+        try:
+            _call(lambda: self._producer.abort_transaction(CALL_TIMEOUT_S), self._tick)
+        except KafkaException as e:
+            _raise_delivery(e, "abort not finished")
+        self._abort_pending = False
 
     def _reset(self) -> Committed:
         done = Committed(self._unit or "", self._batches)
@@ -325,10 +346,11 @@ class AtLeastOnce:
         return dropped
 
 
-def _call(fn: Callable[[], None]) -> None:
+def _call(fn: Callable[[], None], tick: Callable[[], None]) -> None:
     """Retry a transactional call while librdkafka says the same call may succeed."""
     deadline = time.monotonic() + CALL_TIMEOUT_S
     while True:
+        tick()
         try:
             fn()
             return
@@ -439,8 +461,12 @@ class ConfluentEngine:
         self.producer = Producer(
             {**settings.librdkafka_producer(), "logger": client_logger, "error_cb": self._on_error}
         )
-        kind = Transactional if self.exactly_once else AtLeastOnce
-        self.delivery: Delivery = kind(self.producer, self.consumer, settings, _UnitIds(settings.kafka.instance_id))
+        ids = _UnitIds(settings.kafka.instance_id)
+        self.delivery: Delivery = (
+            Transactional(self.producer, self.consumer, settings, ids, hooks.on_loop)
+            if self.exactly_once
+            else AtLeastOnce(self.producer, self.consumer, settings, ids)
+        )
         self.housekeeping = Housekeeping(settings, pipeline.router, hooks, self._assigned_now)
 
     # -- lifecycle ---------------------------------------------------------------------------
