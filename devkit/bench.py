@@ -562,9 +562,10 @@ def _plots(r: Results, out_dir: Path) -> None:
     except ImportError:
         return
     f = r.figures
-    sizes = sorted(int(k) for k in f["model_only"]["items_per_s_by_batch"])
+    by_batch = {int(k): v for k, v in f["model_only"]["items_per_s_by_batch"].items()}  # str keys from JSON
+    sizes = sorted(by_batch)
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(sizes, [f["model_only"]["items_per_s_by_batch"][s] for s in sizes], marker="o", label="classifier")
+    ax.plot(sizes, [by_batch[s] for s in sizes], marker="o", label="classifier")
     ax.axhline(f["plain_onnxruntime"]["items_per_s"], color="tab:gray", linestyle="-.", label="plain onnxruntime loop")
     ax.axhline(
         f["worker"]["exactly_once"]["items_per_s"], color="tab:green", linestyle="--", label="worker drain (EOS)"
