@@ -563,7 +563,7 @@ class ConfluentEngine:
         back it is produced and batch N+1 handed over at once: N+1 is classified while N waits
         for its commit. True when messages were taken."""
         if self._inflight is None:
-            return self._submit(self._take(room, IDLE_POLL_S))
+            return self._submit(self._take(room, IDLE_POLL_S, self.settings.batch.max_wait_ms / 1000))
         records, future, _started = self._inflight
         try:
             outcome = future.result(IDLE_POLL_S)  # InferenceError: left in flight for `_fail`
@@ -572,7 +572,8 @@ class ConfluentEngine:
         self._inflight = None
         # N joins the transaction before the poll for N+1: a revoke inside that poll commits it
         self.delivery.add(Batch(records, outcome))
-        return self._submit(self._take(room, 0.0))
+        # no fill wait here: it would idle the classifier; the backlog built up during N is the batch
+        return self._submit(self._take(room, 0.0, 0.0))
 
     def _submit(self, records: list[Record]) -> bool:
         if not records:
@@ -582,9 +583,10 @@ class ConfluentEngine:
         self._inflight = (records, self._classifier.submit(self.pipeline.process, records), time.monotonic())
         return True
 
-    def _take(self, want: int, wait_s: float) -> list[Record]:
-        """A batch as soon as one message is there: the first message, then whatever else is
-        already fetched (up to `want`), waiting at most `batch.max_wait_ms` more for it to fill.
+    def _take(self, want: int, wait_s: float, fill_s: float) -> list[Record]:
+        """A batch as soon as one message is there: the first message (waiting up to `wait_s`),
+        then whatever else is already fetched (up to `want`), waiting up to `fill_s` more for it
+        to fill (`batch.max_wait_ms` when the classifier was idle, else nothing).
 
         The batch is as large as the backlog that built up while the classifier worked on the
         previous one (a dynamic batcher): one message at light load, `want` under a backlog."""
@@ -595,7 +597,6 @@ class ConfluentEngine:
         if first is not None:
             messages.append(first)
             if want > 1:
-                fill_s = self.settings.batch.max_wait_ms / 1000
                 messages.extend(self.consumer.consume(num_messages=want - 1, timeout=fill_s))
         records = self._records(messages)
         if self._rewind_to:  # a rebalance callback aborted: these follow what must be redone
