@@ -157,11 +157,20 @@ class Delivery(Protocol):
     """How classified micro-batches reach Kafka: one transaction per interval, or acknowledged
     produce + offset commits. The engine owns polling, classifying, rewinds and metrics."""
 
-    def add(self, batch: Batch) -> None: ...
-    def held(self) -> list[Batch]: ...
-    def due(self, now: float) -> bool: ...
-    def commit(self, final: bool) -> Committed | None: ...
-    def abort(self) -> Committed: ...
+    def add(self, batch: Batch) -> None:
+        """Produce the batch's outputs into the open unit (opening one if needed)."""
+
+    def held(self) -> list[Batch]:
+        """Batches added and not yet committed: what a failure must process again."""
+
+    def due(self, now: float) -> bool:
+        """The interval (or the unit's size cap) says: commit now."""
+
+    def commit(self, final: bool) -> Committed | None:
+        """Make what can be made durable durable; `final`: wait for every acknowledgement first."""
+
+    def abort(self) -> Committed:
+        """Drop the open unit; the engine rewinds to the first offsets of what it returns."""
 
 
 def _produce(
