@@ -462,6 +462,7 @@ class ConfluentEngine:
         self._rewind_to: dict[tuple[str, int], int] = {}
         self._in_callback = False
         self._assigned: set[tuple[str, int]] = set()
+        self._assigned_at: float | None = None
         self._assigned_lock = threading.Lock()
         client_logger = logging.getLogger("librdkafka")
         self.consumer = Consumer(
@@ -559,8 +560,11 @@ class ConfluentEngine:
         return self._commit_if(self.delivery.due(time.monotonic()) or last, final=last)
 
     def _idle(self, last_message: float, idle_exit_s: float | None) -> bool:
-        nothing_held = self._inflight is None and not self.delivery.held()
-        return idle_exit_s is not None and nothing_held and time.monotonic() - last_message > idle_exit_s
+        """Idle time counts from the last message or the last assignment, whichever is later: a
+        slow group join on a busy machine is not an empty topic."""
+        if idle_exit_s is None or self._assigned_at is None or self._inflight is not None or self.delivery.held():
+            return False
+        return time.monotonic() - max(last_message, self._assigned_at) > idle_exit_s
 
     def _classifier_stuck(self) -> bool:
         return self._inflight is not None and time.monotonic() - self._inflight[2] > CLASSIFIER_STUCK_S
@@ -747,6 +751,7 @@ class ConfluentEngine:
         log.info("partitions assigned", extra={"partitions": [p.partition for p in partitions]})
         with self._assigned_lock:
             self._assigned |= {(p.topic, p.partition) for p in partitions}
+        self._assigned_at = time.monotonic()
         self.hooks.on_assign([(p.topic, p.partition) for p in partitions])
 
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
