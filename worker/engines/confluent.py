@@ -406,12 +406,21 @@ class Housekeeping:
             now = time.monotonic()
             if self._topics_now or now >= next_topics:
                 self._topics_now, next_topics = False, now + TOPIC_CHECK_INTERVAL_S
-                self.check_topics()
+                self._safely(self.check_topics)
             if now >= next_lag:
                 next_lag = now + LAG_INTERVAL_S
-                self.report_lag()
+                self._safely(self.report_lag)
             self._wake.wait(max(0.0, min(next_lag, next_topics) - time.monotonic()))
             self._wake.clear()
+
+    @staticmethod
+    def _safely(check: Callable[[], None]) -> None:
+        """An unexpected error is logged and the timer goes on: a dead housekeeping thread would
+        silently freeze the lag gauge and stop recreating deleted topics."""
+        try:
+            check()
+        except Exception:
+            log.exception("housekeeping check failed", extra={"check": check.__name__})
 
     def check_topics(self) -> None:
         try:
