@@ -48,7 +48,7 @@ def bench(
     baseline_model: Annotated[
         Path | None, typer.Option(help="PyTorch checkpoint of the same model, for the transformers baseline.")
     ] = Path("bench/baseline-model"),
-    latency_seconds: Annotated[float, typer.Option(help="Duration of the 50%-load latency run.")] = 60.0,
+    latency_seconds: Annotated[float, typer.Option(help="Duration of the 50%-load latency run.")] = 30.0,
     vcpu_hour_usd: Annotated[float, typer.Option(help="On-demand price of one vCPU-hour.")] = 0.08925 / 2,
 ) -> None:
     """Model-only vs worker end to end vs transformers pipeline, latency under load, cost."""

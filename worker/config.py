@@ -68,6 +68,16 @@ class BatchSettings(_Section):
     max_wait_ms: int = Field(default=5, ge=0, le=60_000)
 
 
+class CommitSettings(_Section):
+    #: One transaction (exactly-once) or offset commit (at-least-once) per interval, as Kafka
+    #: Streams does under EOS (its default is 100 ms): a commit's round trips are paid once per
+    #: interval, not per micro-batch, and a message waits at most this long for its commit.
+    interval_ms: int = Field(default=100, ge=1, le=60_000)
+    #: A transaction spanning this many inbound messages commits early: bounds the work redone
+    #: after an abort (at 1,600 items/s, 100 ms holds ~160).
+    max_items: int = Field(default=2_000, ge=1, le=1_000_000)
+
+
 class LimitSettings(_Section):
     #: Inbound values above this are dead-lettered as `too_large` before parsing.
     max_input_bytes: int = Field(default=1_000_000, ge=16)
@@ -113,6 +123,16 @@ class MetricsSettings(_Section):
     enabled: bool = True
 
 
+#: Consumer fetch defaults (bench/NOTES.md §7); `CW_KAFKA__CONSUMER_CONFIG` overrides them.
+#: Kafka answers a fetch as soon as one byte is there (`fetch.min.bytes` 1), so the wait only
+#: bounds an empty fetch; but librdkafka sends no new fetch (after a rewind's seek, or for newly
+#: assigned partitions) until the outstanding one returns: 100 ms instead of the default 500
+#: caps that delay at a cost of ten empty fetches a second per broker. `queued.min.messages`
+#: stays at librdkafka's 100,000: below a few batches' worth, crossing it postpones the next
+#: fetch by `fetch.queue.backoff.ms` (1 s).
+CONSUMER_FETCH_DEFAULTS: dict[str, LibrdkafkaValue] = {"fetch.wait.max.ms": 100, "fetch.min.bytes": 1}
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="CW_", env_nested_delimiter="__", frozen=True, extra="forbid", case_sensitive=False
@@ -121,6 +141,7 @@ class Settings(BaseSettings):
     kafka: KafkaSettings = KafkaSettings()
     topics: TopicSettings = TopicSettings()
     batch: BatchSettings = BatchSettings()
+    commit: CommitSettings = CommitSettings()
     limits: LimitSettings = LimitSettings()
     model: ModelSettings = ModelSettings()
     routing: RoutingSettings = RoutingSettings()
@@ -147,6 +168,7 @@ class Settings(BaseSettings):
             "auto.offset.reset": "earliest",
             "session.timeout.ms": self.kafka.session_timeout_ms,
             "partition.assignment.strategy": "cooperative-sticky",
+            **CONSUMER_FETCH_DEFAULTS,
             **self.kafka.config,
             **self.kafka.consumer_config,
             # must win: offsets are committed by us, after delivery, and only committed data is read

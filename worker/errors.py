@@ -39,5 +39,10 @@ class FatalDeliveryError(DeliveryError):
     """The producer is fenced or fatally broken: exit non-zero so the orchestrator restarts us."""
 
 
+class WedgedClientError(FatalDeliveryError):
+    """A librdkafka call outlived its own timeout and is still blocked: the client cannot be
+    used (or even closed) safely any more."""
+
+
 class DataError(WorkerError):
     """A training or evaluation data file cannot be read."""

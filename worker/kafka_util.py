@@ -1,12 +1,12 @@
-"""Small confluent-kafka helpers for the operator tools (`replay`, `shadow-report`): wrap a
-client error, retry a transactional call, and read a topic up to end offsets fixed at start.
-
-Kept out of the engine so the tools do not depend on its internals; the engine can adopt them.
+"""Small confluent-kafka helpers shared by the engine and the operator tools (`replay`,
+`shadow-report`): unwrap a client error, retry a transactional call under a watchdog, and read a
+topic up to end offsets fixed at start.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -14,12 +14,14 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
-from worker.errors import ConfigError, FatalDeliveryError
+from worker.errors import ConfigError, FatalDeliveryError, WedgedClientError
 
 log = logging.getLogger(__name__)
 
 #: Per-call timeout for metadata, offset and transactional calls: far above a healthy round trip.
 CALL_TIMEOUT_S = 30.0
+#: Beyond a call's own timeout, how long it may block before the client is declared wedged.
+WEDGED_GRACE_S = 10.0
 #: Between retries of a call librdkafka marks retriable: short, it usually succeeds on the next try.
 RETRY_PAUSE_S = 0.1
 
@@ -32,15 +34,19 @@ def kafka_error(e: KafkaException) -> KafkaError:
     return err if isinstance(err, KafkaError) else KafkaError(KafkaError._FAIL, str(err))
 
 
-def retry_call(fn: Callable[[], Any], timeout_s: float = CALL_TIMEOUT_S) -> None:
-    """Call `fn` again while librdkafka says the same call may succeed, up to `timeout_s`.
+def retry_call(
+    fn: Callable[[], Any], timeout_s: float = CALL_TIMEOUT_S, tick: Callable[[], None] = lambda: None
+) -> None:
+    """Call `fn` again while librdkafka says the same call may succeed, up to `timeout_s`;
+    `tick` runs before each attempt (the engine stamps its liveness there).
 
     A fatal error (fenced by a newer producer with our transactional id) becomes
     `FatalDeliveryError`; anything else is re-raised for the caller to abort on."""
     deadline = time.monotonic() + timeout_s
     while True:
+        tick()
         try:
-            fn()
+            bounded(fn)
             return
         except KafkaException as e:
             err = kafka_error(e)
@@ -49,6 +55,33 @@ def retry_call(fn: Callable[[], Any], timeout_s: float = CALL_TIMEOUT_S) -> None
             if not err.retriable() or time.monotonic() > deadline:
                 raise
             time.sleep(RETRY_PAUSE_S)
+
+
+def bounded(fn: Callable[[], Any], timeout_s: float = CALL_TIMEOUT_S + WEDGED_GRACE_S) -> None:
+    """Run a blocking librdkafka call, but give up on it once it outlives its own timeout.
+
+    librdkafka can block in `send_offsets_to_transaction` forever, ignoring its timeout, when
+    the group coordinator goes away mid-transaction (confluentinc/librdkafka#5456, #5511): seen
+    here when the broker was killed and restarted under the chaos test. A wedged transactional
+    producer cannot be repaired in place, so this raises `WedgedClientError`: the process exits,
+    and its restart (same transactional id) fences and aborts the open transaction. The call
+    runs in a daemon thread, which is left behind blocked and never joined."""
+    outcome: list[BaseException | None] = []
+
+    def call() -> None:
+        try:
+            fn()
+            outcome.append(None)
+        except BaseException as e:  # handed over to the caller's thread below
+            outcome.append(e)
+
+    thread = threading.Thread(target=call, name="kafka-call", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if not outcome:
+        raise WedgedClientError(f"a Kafka call did not return within {timeout_s:.0f} s; restarting fences it")
+    if outcome[0] is not None:
+        raise outcome[0]
 
 
 def topic_partitions(consumer: Consumer, topic: str) -> list[TP]:

@@ -12,16 +12,14 @@ from pathlib import Path
 
 import pytest
 from confluent_kafka.admin import AdminClient
-from prometheus_client import CollectorRegistry
 
 from devkit.toolkit import read_outputs
 from tests.support import scenario
+from tests.support.engine import in_process_engine
 from tests.support.kafka import TopicSet, create_topic, produce
-from worker.config import load_settings
 from worker.engines.confluent import TOPIC_CHECK_INTERVAL_S, ConfluentEngine
 from worker.errors import InferenceError
 from worker.observability import PrometheusHooks
-from worker.pipeline import build_pipeline
 
 pytestmark = pytest.mark.integration
 CATEGORIES = ["banking", "travel", "weather"]
@@ -35,26 +33,7 @@ def topics(kafka_bootstrap: str) -> Iterator[TopicSet]:
 
 
 def _engine(kafka_bootstrap: str, topics: TopicSet, bundle: Path) -> tuple[ConfluentEngine, PrometheusHooks]:
-    settings = load_settings(
-        kafka={
-            "bootstrap_servers": kafka_bootstrap,
-            "group_id": topics.group,
-            "instance_id": topics.group,
-            "session_timeout_ms": 6000,
-            "consumer_config": {"fetch.wait.max.ms": 10},
-        },
-        topics={
-            "input": topics.input,
-            "prefix": topics.prefix,
-            "fallback": topics.fallback,
-            "dlq": topics.dlq,
-            "partitions": 3,
-        },
-        model={"path": bundle},
-        limits={"max_input_bytes": scenario.MAX_INPUT_BYTES},
-    )
-    hooks = PrometheusHooks(CollectorRegistry())
-    return ConfluentEngine(settings, build_pipeline(settings), hooks), hooks
+    return in_process_engine(kafka_bootstrap, topics, bundle)
 
 
 def test_classifier_failure_commits_nothing_retries_with_backoff_and_recovers(

@@ -117,3 +117,11 @@ def test_sasl_password_is_secret(monkeypatch: pytest.MonkeyPatch) -> None:
     s = load_settings()
     assert "hunter2" not in repr(s)
     assert s.librdkafka_producer()["sasl.password"] == "hunter2"
+
+
+def test_consumer_fetch_defaults_and_commit_interval_are_overridable() -> None:
+    defaults = load_settings()
+    assert defaults.librdkafka_consumer()["fetch.wait.max.ms"] == 100
+    assert (defaults.commit.interval_ms, defaults.commit.max_items) == (100, 2000)
+    tuned = load_settings(kafka={"consumer_config": {"fetch.wait.max.ms": 10}}, commit={"interval_ms": 20})
+    assert tuned.librdkafka_consumer()["fetch.wait.max.ms"] == 10 and tuned.commit.interval_ms == 20

@@ -1,43 +1,57 @@
-"""The main loop on confluent-kafka: poll a batch, run the pure pipeline, deliver, commit.
+"""The main loop on confluent-kafka, pipelined: while micro-batch N is produced and committed on
+this thread, micro-batch N+1 is decoded and classified on a worker thread (onnxruntime releases
+the GIL). Bounded: one batch at the classifier, and the batches of one commit interval awaiting
+their commit. Every librdkafka consumer call stays on the engine's thread.
 
-Exactly-once (default) follows librdkafka's `examples/transactions.c`: one transaction per batch
-(produce every output → `send_offsets_to_transaction` → commit); an abortable error aborts and
-rewinds the consumer to the committed offsets so the batch is processed again; a fatal error
-(fenced by a newer replica with our transactional id) ends the process non-zero so the
-orchestrator restarts it. Processing is synchronous within the poll loop, so no transaction is
-ever open while rebalance callbacks run: revoked or lost partitions never leave one behind.
+Exactly-once (default), as Kafka Streams does it under EOS: one transaction spans the
+micro-batches of a commit interval (`CW_COMMIT__INTERVAL_MS`, or `CW_COMMIT__MAX_ITEMS`
+inbound messages); outputs are produced as each micro-batch is classified, then the offsets are
+sent and the transaction committed. Any failure (classifier, produce, commit) aborts the whole
+transaction and seeks back to the first offsets it held, so its batches are processed again. A
+fatal error (fenced by a newer replica with our transactional id) ends the process non-zero.
+Revoked partitions never leave a transaction open: `on_revoke` finishes it (or aborts it).
 
-At-least-once: an idempotent producer, and offsets committed only after every output of the
-batch is acknowledged.
+At-least-once: asynchronous produce with an idempotent producer; offsets are committed at the
+interval up to the last micro-batch whose outputs were all acknowledged, in order.
+
+Lag and topic checks run on their own thread with their own admin client (`Housekeeping`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable
-from typing import Any, TypeVar, cast
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar, cast
 
 from confluent_kafka import (
-    OFFSET_BEGINNING,
     TIMESTAMP_NOT_AVAILABLE,
     Consumer,
+    ConsumerGroupTopicPartitions,
     KafkaError,
     KafkaException,
     Message,
     Producer,
     TopicPartition,
 )
+from confluent_kafka.admin import AdminClient, OffsetSpec  # type: ignore[attr-defined]
 
 from worker.config import Settings
-from worker.errors import DeliveryError, FatalDeliveryError, InferenceError
+from worker.errors import DeliveryError, FatalDeliveryError, InferenceError, WedgedClientError
+from worker.kafka_util import CALL_TIMEOUT_S, kafka_error, retry_call
 from worker.messages import BATCH_HEADER
 from worker.observability import Hooks
 from worker.pipeline import Outcome, Pipeline
 from worker.records import Headers, Outgoing, Record
-from worker.topics import admin_client, ensure_topics, missing_topics, required_topics
+from worker.routing import Router
+from worker.topics import ADMIN_TIMEOUT_S, admin_client, ensure_topics, missing_topics, required_topics
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -46,27 +60,32 @@ T = TypeVar("T")
 #: then no more than one attempt every 30 s.
 BACKOFF_START_S = 0.5
 BACKOFF_MAX_S = 30.0
-#: Per-call timeout for transactional and flush calls; longer than a healthy round trip by far.
-CALL_TIMEOUT_S = 30.0
-#: Beyond its own timeout, how long a transactional call may block before the producer is
-#: declared wedged (see `ConfluentEngine._bounded`).
-WEDGED_GRACE_S = 10.0
 #: How often the output topics are checked for existence (a deleted one is recreated).
 TOPIC_CHECK_INTERVAL_S = 10.0
 #: How often lag is computed from watermarks and committed offsets.
 LAG_INTERVAL_S = 5.0
-#: Longest block waiting for the first message of a batch: bounds how late housekeeping and a
-#: stop request are noticed on an idle input topic.
+#: Longest single wait of the loop (for a message, or for the classifier): bounds how late a
+#: stop request, a due commit and the liveness stamp are noticed.
 IDLE_POLL_S = 0.1
+#: A classifier call running longer than this is stuck: the loop stops stamping liveness, so
+#: `/healthz` fails and the orchestrator restarts the pod (a batch takes well under a second).
+CLASSIFIER_STUCK_S = 30.0
+#: Stop waits this long for the housekeeping thread: a shutdown must fit the pod's grace period.
+HOUSEKEEPING_JOIN_S = 1.0
 
 
 class Backoff:
-    def __init__(self) -> None:
+    """Growing pauses between retries; `tick` runs while waiting (liveness: waiting for a broker
+    that is down is correct behaviour, not a stalled loop)."""
+
+    def __init__(self, tick: Callable[[], None] = lambda: None) -> None:
         self.delay_s = BACKOFF_START_S
+        self._tick = tick
 
     def wait(self, should_stop: Callable[[], bool]) -> None:
         deadline = time.monotonic() + self.delay_s
         while time.monotonic() < deadline and not should_stop():
+            self._tick()
             time.sleep(0.05)
         self.delay_s = min(self.delay_s * 2, BACKOFF_MAX_S)
 
@@ -87,8 +106,8 @@ def to_record(m: Message) -> Record:
     )
 
 
-def next_offsets(records: list[Record]) -> list[TopicPartition]:
-    """The offsets to commit after a batch: last offset + 1 per partition."""
+def next_offsets(records: Iterable[Record]) -> list[TopicPartition]:
+    """The offsets to commit after these records: last offset + 1 per partition."""
     last: dict[tuple[str, int], int] = {}
     for r in records:
         key = (r.topic, r.partition)
@@ -96,9 +115,322 @@ def next_offsets(records: list[Record]) -> list[TopicPartition]:
     return [TopicPartition(t, p, o + 1) for (t, p), o in sorted(last.items())]
 
 
-def _kafka_error(e: KafkaException) -> KafkaError:
-    err = e.args[0]
-    return err if isinstance(err, KafkaError) else KafkaError(KafkaError._FAIL, str(err))
+def first_offsets(records: Iterable[Record]) -> dict[tuple[str, int], int]:
+    """Where to seek to process these records again: their first offset per partition. The
+    worker knows it, so a rewind needs no broker round trip and never goes further back."""
+    first: dict[tuple[str, int], int] = {}
+    for r in records:
+        key = (r.topic, r.partition)
+        first[key] = min(first.get(key, r.offset), r.offset)
+    return first
+
+
+@dataclass(slots=True)
+class Batch:
+    """One classified micro-batch: its inbound records and the pipeline's outcome."""
+
+    records: list[Record]
+    outcome: Outcome
+    #: Outputs not yet acknowledged (at-least-once), and the first delivery error, latched.
+    unacked: int = 0
+    error: KafkaError | None = None
+    #: The commit unit its outputs carry in the `route.batch` header.
+    unit: str = ""
+
+
+@dataclass(slots=True)
+class Committed:
+    """What a commit made durable: the commit unit's id (the `route.batch` header of its
+    outputs) and its micro-batches."""
+
+    unit: str
+    batches: list[Batch] = field(default_factory=list)
+
+
+class Delivery(Protocol):
+    """How classified micro-batches reach Kafka: one transaction per interval, or acknowledged
+    produce + offset commits. The engine owns polling, classifying, rewinds and metrics."""
+
+    def add(self, batch: Batch) -> None:
+        """Produce the batch's outputs into the open unit (opening one if needed)."""
+
+    def held(self) -> list[Batch]:
+        """Batches added and not yet committed: what a failure must process again."""
+
+    def due(self, now: float) -> bool:
+        """The interval (or the unit's size cap) says: commit now."""
+
+    def commit(self, final: bool) -> Committed | None:
+        """Make what can be made durable durable; `final`: wait for every acknowledgement first."""
+
+    def abort(self) -> Committed:
+        """Drop the open unit; the engine rewinds to the first offsets of what it returns."""
+
+
+def _produce(
+    producer: Producer,
+    out: Outgoing,
+    unit: bytes,
+    on_delivery: Callable[[KafkaError | None, Message], None] | None,
+) -> None:
+    headers = cast(Any, [*out.headers, (BATCH_HEADER, unit)])
+    while True:
+        try:
+            producer.produce(out.topic, value=out.value, key=out.key, headers=headers, on_delivery=on_delivery)
+            return
+        except BufferError:  # local queue full: serve delivery reports, then try again
+            producer.poll(0.05)
+
+
+def _raise_delivery(e: KafkaException, what: str) -> None:
+    err = kafka_error(e)
+    if err.fatal():
+        raise FatalDeliveryError(err.str()) from e
+    raise DeliveryError(f"{what}: {err.str()}") from e
+
+
+class _UnitIds:
+    """`instance:pid:seq`: unique across restarts of one replica, so an id names one attempt."""
+
+    def __init__(self, instance_id: str) -> None:
+        self._prefix = f"{instance_id}:{os.getpid()}:"
+        self._seq = 0
+
+    def next(self) -> str:
+        self._seq += 1
+        return f"{self._prefix}{self._seq}"
+
+
+class Transactional:
+    """Exactly-once: one transaction per commit interval, spanning its micro-batches. `tick`
+    runs between retries of a commit (liveness while the broker is slow or down)."""
+
+    def __init__(
+        self,
+        producer: Producer,
+        consumer: Consumer,
+        settings: Settings,
+        ids: _UnitIds,
+        tick: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._tick = tick
+        self._producer = producer
+        self._consumer = consumer
+        self._interval_s = settings.commit.interval_ms / 1000
+        self._max_items = settings.commit.max_items
+        self._ids = ids
+        self._unit: str | None = None
+        self._abort_pending = False
+        self._batches: list[Batch] = []
+        self._items = 0
+        self._started_at = 0.0
+
+    def add(self, batch: Batch) -> None:
+        self._batches.append(batch)  # first: a failed begin must still rewind this batch
+        self._items += len(batch.records)
+        try:
+            self._finish_abort()
+            if self._unit is None:
+                self._producer.begin_transaction()
+                self._unit, self._started_at = self._ids.next(), time.monotonic()
+            batch.unit = self._unit
+            for out in batch.outcome.outgoing:
+                _produce(self._producer, out, self._unit.encode(), None)
+        except KafkaException as e:
+            _raise_delivery(e, "produce failed")
+
+    def held(self) -> list[Batch]:
+        return list(self._batches)
+
+    def due(self, now: float) -> bool:
+        return self._unit is not None and (now - self._started_at >= self._interval_s or self._items >= self._max_items)
+
+    def commit(self, final: bool) -> Committed | None:
+        if self._unit is None:
+            return None
+        offsets = next_offsets(r for b in self._batches for r in b.records)
+        p = self._producer
+        try:
+            group = self._consumer.consumer_group_metadata()
+            retry_call(lambda: p.send_offsets_to_transaction(offsets, group, CALL_TIMEOUT_S), tick=self._tick)
+            retry_call(lambda: p.commit_transaction(CALL_TIMEOUT_S), tick=self._tick)
+        except KafkaException as e:
+            _raise_delivery(e, "transaction not committed")
+        return self._reset()
+
+    def abort(self) -> Committed:
+        self._abort_pending = self._abort_pending or self._unit is not None
+        try:
+            self._finish_abort()
+        except FatalDeliveryError:
+            raise
+        except DeliveryError as e:  # the next `add` calls it again before anything else
+            log.warning("abort failed", extra={"error": str(e)})
+        return self._reset()
+
+    def _finish_abort(self) -> None:
+        """librdkafka: an abort that timed out must be called again until it completes; until
+        then every other transactional call fails ("conflicting abort_transaction call")."""
+        if not self._abort_pending:
+            return
+        try:
+            retry_call(lambda: self._producer.abort_transaction(CALL_TIMEOUT_S), tick=self._tick)
+        except KafkaException as e:
+            _raise_delivery(e, "abort not finished")
+        self._abort_pending = False
+
+    def _reset(self) -> Committed:
+        done = Committed(self._unit or "", self._batches)
+        self._unit, self._batches, self._items = None, [], 0
+        return done
+
+
+class AtLeastOnce:
+    """Asynchronous produce; offsets committed at the interval up to the last micro-batch whose
+    outputs were all acknowledged, in order (so per partition in order too)."""
+
+    def __init__(self, producer: Producer, consumer: Consumer, settings: Settings, ids: _UnitIds) -> None:
+        self._producer = producer
+        self._consumer = consumer
+        self._interval_s = settings.commit.interval_ms / 1000
+        self._ids = ids
+        self._batches: deque[Batch] = deque()
+        self._last_commit = time.monotonic()
+
+    def add(self, batch: Batch) -> None:
+        def on_delivery(err: KafkaError | None, _msg: Message) -> None:
+            batch.unacked -= 1
+            if err is not None and batch.error is None:
+                batch.error = err
+
+        batch.unacked, batch.unit = len(batch.outcome.outgoing), self._ids.next()
+        self._batches.append(batch)
+        try:
+            for out in batch.outcome.outgoing:
+                _produce(self._producer, out, batch.unit.encode(), on_delivery)
+        except KafkaException as e:
+            _raise_delivery(e, "produce failed")
+        self._producer.poll(0)
+
+    def held(self) -> list[Batch]:
+        return list(self._batches)
+
+    def due(self, now: float) -> bool:
+        self._producer.poll(0)  # serve delivery reports: they decide what can be committed
+        return bool(self._batches) and now - self._last_commit >= self._interval_s
+
+    def commit(self, final: bool) -> Committed | None:
+        if final and self._producer.flush(CALL_TIMEOUT_S):
+            raise DeliveryError("outputs not acknowledged within the flush timeout")
+        self._producer.poll(0)
+        self._last_commit = time.monotonic()
+        acked: list[Batch] = []
+        for batch in self._batches:
+            if batch.error is not None:
+                raise DeliveryError(f"output not delivered: {batch.error.str()}")
+            if batch.unacked:
+                break
+            acked.append(batch)
+        if not acked:
+            return None
+        try:
+            self._consumer.commit(offsets=next_offsets(r for b in acked for r in b.records), asynchronous=False)
+        except KafkaException as e:
+            _raise_delivery(e, "offset commit failed")
+        for _ in acked:
+            self._batches.popleft()
+        return Committed(",".join(b.unit for b in acked), acked)
+
+    def abort(self) -> Committed:
+        """Wait out the outstanding deliveries (none may land after the rewind), drop them all."""
+        self._producer.flush(CALL_TIMEOUT_S)
+        dropped = Committed(",".join(b.unit for b in self._batches), list(self._batches))
+        self._batches.clear()
+        return dropped
+
+
+class Housekeeping:
+    """Lag and topic checks on their own thread and admin client, so a slow metadata or
+    offsets request never delays a batch. `check_topics_soon` asks for a check after a failed
+    delivery: an output topic deleted under us is recreated (auto_create) or reported."""
+
+    def __init__(
+        self, settings: Settings, router: Router, hooks: Hooks, assigned: Callable[[], set[tuple[str, int]]]
+    ) -> None:
+        self._settings = settings
+        self._router = router
+        self._hooks = hooks
+        self._assigned = assigned
+        self._admin: AdminClient = admin_client(settings)
+        self._wake = threading.Event()
+        self._stopped = threading.Event()
+        self._topics_now = False
+        self._thread = threading.Thread(target=self._run, name="housekeeping", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._wake.set()
+        self._thread.join(HOUSEKEEPING_JOIN_S)  # a daemon: an admin call stuck on a down broker is abandoned
+
+    def check_topics_soon(self) -> None:
+        self._topics_now = True
+        self._wake.set()
+
+    def _run(self) -> None:
+        next_lag = 0.0
+        next_topics = time.monotonic() + TOPIC_CHECK_INTERVAL_S
+        while not self._stopped.is_set():
+            now = time.monotonic()
+            if self._topics_now or now >= next_topics:
+                self._topics_now, next_topics = False, now + TOPIC_CHECK_INTERVAL_S
+                self._safely(self.check_topics)
+            if now >= next_lag:
+                next_lag = now + LAG_INTERVAL_S
+                self._safely(self.report_lag)
+            self._wake.wait(max(0.0, min(next_lag, next_topics) - time.monotonic()))
+            self._wake.clear()
+
+    @staticmethod
+    def _safely(check: Callable[[], None]) -> None:
+        """An unexpected error is logged and the timer goes on: a dead housekeeping thread would
+        silently freeze the lag gauge and stop recreating deleted topics."""
+        try:
+            check()
+        except Exception:
+            log.exception("housekeeping check failed", extra={"check": check.__name__})
+
+    def check_topics(self) -> None:
+        try:
+            names = required_topics(self._settings, self._router)
+            t = self._settings.topics
+            if t.auto_create:
+                created = ensure_topics(self._admin, names, t.partitions, t.replication)
+                if created:
+                    log.warning("recreated missing topics", extra={"topics": created})
+            elif missing := missing_topics(self._admin, names):
+                log.error("output topics missing; create them or set CW_TOPICS__AUTO_CREATE", extra={"topics": missing})
+        except (KafkaException, DeliveryError) as e:
+            log.warning("cannot check topics", extra={"error": str(e)})
+
+    def report_lag(self) -> None:
+        """High watermark minus the group's committed offset, both read from the broker."""
+        tps = [TopicPartition(t, p) for t, p in sorted(self._assigned())]
+        if not tps:
+            return
+        try:
+            group = ConsumerGroupTopicPartitions(self._settings.kafka.group_id, tps)
+            fut = self._admin.list_consumer_group_offsets([group], request_timeout=ADMIN_TIMEOUT_S)
+            committed = {(tp.topic, tp.partition): tp.offset for tp in fut[group.group_id].result().topic_partitions}
+            latest = OffsetSpec.latest()  # type: ignore[no-untyped-call]
+            highs = self._admin.list_offsets({tp: latest for tp in tps}, request_timeout=ADMIN_TIMEOUT_S)
+            for tp, f in highs.items():
+                done = max(committed.get((tp.topic, tp.partition), 0), 0)  # -1001: nothing committed yet
+                self._hooks.on_lag(tp.topic, tp.partition, max(0, f.result().offset - done))
+        except KafkaException as e:
+            log.debug("lag not available", extra={"error": str(e)})
 
 
 class ConfluentEngine:
@@ -109,19 +441,20 @@ class ConfluentEngine:
         self.exactly_once = settings.delivery == "exactly_once"
         self._stop = False
         self._fatal: KafkaError | None = None
-        #: a transactional call is stuck in librdkafka: closing the producer could block too
+        #: a Kafka call is stuck in librdkafka (`kafka_util.bounded`): closing the producer could block too
         self._wedged = False
-        self._committed: dict[tuple[str, int], int] = {}
-        self._next_lag = 0.0
-        self._next_topic_check = time.monotonic() + TOPIC_CHECK_INTERVAL_S
-        self._admin = admin_client(settings)
         self.processed = 0
         #: perf_counter() of the first consumed record and of the last commit: throughput window.
         self.first_record_at: float | None = None
         self.last_commit_at: float | None = None
-        # instance + pid: unique across restarts of one replica, so a batch id names one attempt
-        self._batch_prefix = f"{settings.kafka.instance_id}:{os.getpid()}:"
-        self._batch_seq = 0
+        self._classifier = ThreadPoolExecutor(1, thread_name_prefix="classify")
+        self._inflight: tuple[list[Record], Future[Outcome], float] | None = None
+        #: Seek targets left by an abort inside a rebalance callback, applied after the poll.
+        self._rewind_to: dict[tuple[str, int], int] = {}
+        self._in_callback = False
+        self._assigned: set[tuple[str, int]] = set()
+        self._assigned_at: float | None = None
+        self._assigned_lock = threading.Lock()
         client_logger = logging.getLogger("librdkafka")
         self.consumer = Consumer(
             {**settings.librdkafka_consumer(), "logger": client_logger, "error_cb": self._on_error}
@@ -129,11 +462,18 @@ class ConfluentEngine:
         self.producer = Producer(
             {**settings.librdkafka_producer(), "logger": client_logger, "error_cb": self._on_error}
         )
+        ids = _UnitIds(settings.kafka.instance_id)
+        self.delivery: Delivery = (
+            Transactional(self.producer, self.consumer, settings, ids, hooks.on_loop)
+            if self.exactly_once
+            else AtLeastOnce(self.producer, self.consumer, settings, ids)
+        )
+        self.housekeeping = Housekeeping(settings, pipeline.router, hooks, self._assigned_now)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     def request_stop(self) -> None:
-        """Safe from a signal handler: the loop finishes or aborts the batch in hand, then exits."""
+        """Safe from a signal handler: the loop commits what it has classified, then exits."""
         self._stop = True
 
     def _should_stop(self) -> bool:
@@ -147,7 +487,8 @@ class ConfluentEngine:
             if self.settings.topics.auto_create:
                 t = self.settings.topics
                 names = required_topics(self.settings, self.pipeline.router)
-                self._retry("create topics", lambda: ensure_topics(self._admin, names, t.partitions, t.replication))
+                admin = admin_client(self.settings)
+                self._retry("create topics", lambda: ensure_topics(admin, names, t.partitions, t.replication))
             if self.exactly_once:
                 self._retry("init_transactions", lambda: self.producer.init_transactions(CALL_TIMEOUT_S))
             self.consumer.subscribe(
@@ -156,43 +497,39 @@ class ConfluentEngine:
                 on_revoke=self._on_revoke,
                 on_lost=self._on_lost,
             )
+            self.housekeeping.start()
             self._loop(max_messages, idle_exit_s)
+            self._settle()
         finally:
             self._close()
         if self._fatal is not None:
             raise FatalDeliveryError(f"fatal Kafka error: {self._fatal.str()}")
 
     def _loop(self, max_messages: int | None, idle_exit_s: float | None) -> None:
-        backoff = Backoff()
+        backoff = Backoff(self.hooks.on_loop)
         last_message = time.monotonic()
         while not self._should_stop():
-            self.hooks.on_loop()
-            self._report_lag()
-            self._check_topics()
-            want = self.settings.batch.max_items
-            if max_messages is not None:
-                want = min(want, max_messages - self.processed)
-            records = self._records(self._take(want))
-            if not records:
-                if idle_exit_s is not None and time.monotonic() - last_message > idle_exit_s:
-                    log.info("idle, exiting", extra={"idle_exit_s": idle_exit_s, "processed": self.processed})
-                    return
-                continue
-            last_message = time.monotonic()
-            if self.first_record_at is None:
-                self.first_record_at = time.perf_counter()
-            if self._process(records):
-                self.last_commit_at = time.perf_counter()
-                backoff.reset()
-                self.processed += len(records)
-                if max_messages is not None and self.processed >= max_messages:
-                    log.info("max messages reached", extra={"processed": self.processed})
-                    return
-            else:
-                self._rewind(records)
+            if not self._classifier_stuck():
+                self.hooks.on_loop()
+            try:
+                if self._turn(self._room(max_messages)):
+                    last_message = time.monotonic()
+                if self._commit_due(max_messages):
+                    backoff.reset()
+            except (InferenceError, DeliveryError) as e:
+                self._fail(e)
                 backoff.wait(self._should_stop)
+                continue
+            if max_messages is not None and self.processed >= max_messages:
+                log.info("max messages reached", extra={"processed": self.processed})
+                return
+            if self._idle(last_message, idle_exit_s):
+                log.info("idle, exiting", extra={"idle_exit_s": idle_exit_s, "processed": self.processed})
+                return
 
     def _close(self) -> None:
+        self.housekeeping.stop()
+        self._classifier.shutdown(wait=True)
         try:
             self.consumer.close()  # leaves the group, so the partitions move at once
         except (KafkaException, RuntimeError) as e:
@@ -200,22 +537,78 @@ class ConfluentEngine:
         if not self._wedged:
             self.producer.flush(5.0)
 
-    # -- one batch ---------------------------------------------------------------------------
+    def _room(self, max_messages: int | None) -> int:
+        """How many more messages may be polled now: `max_messages` counts what is held too."""
+        if max_messages is None:
+            return self.settings.batch.max_items
+        held = sum(len(b.records) for b in self.delivery.held())
+        if self._inflight is not None:
+            held += len(self._inflight[0])
+        return max(0, min(self.settings.batch.max_items, max_messages - self.processed - held))
 
-    def _take(self, want: int) -> list[Message]:
-        """A batch as soon as one message is there: the first message, then whatever else is
-        already fetched (up to `want`), waiting at most `batch.max_wait_ms` more for it to fill.
+    def _commit_due(self, max_messages: int | None) -> bool:
+        """Commit at the interval, and at once when the last of `max_messages` is classified."""
+        last = max_messages is not None and self._inflight is None and self._room(max_messages) == 0
+        return self._commit_if(self.delivery.due(time.monotonic()) or last, final=last)
 
-        librdkafka's batch consume waits for its full timeout unless `want` messages arrive, so
-        a fixed fill wait would be added to every message's latency at low load; this way a
-        batch is as large as the backlog that built up while the previous one was processed."""
-        first = self.consumer.poll(IDLE_POLL_S)
-        if first is None:
+    def _idle(self, last_message: float, idle_exit_s: float | None) -> bool:
+        """Idle time counts from the last message or the last assignment, whichever is later: a
+        slow group join on a busy machine is not an empty topic."""
+        if idle_exit_s is None or self._assigned_at is None or self._inflight is not None or self.delivery.held():
+            return False
+        return time.monotonic() - max(last_message, self._assigned_at) > idle_exit_s
+
+    def _classifier_stuck(self) -> bool:
+        return self._inflight is not None and time.monotonic() - self._inflight[2] > CLASSIFIER_STUCK_S
+
+    # -- the pipelined turn -----------------------------------------------------------------
+
+    def _turn(self, room: int) -> bool:
+        """One wait, for a message (classifier idle) or for the classifier. When batch N comes
+        back it is produced and batch N+1 handed over at once: N+1 is classified while N waits
+        for its commit. True when messages were taken."""
+        if self._inflight is None:
+            return self._submit(self._take(room, IDLE_POLL_S, self.settings.batch.max_wait_ms / 1000))
+        records, future, _started = self._inflight
+        try:
+            outcome = future.result(IDLE_POLL_S)  # InferenceError: left in flight for `_fail`
+        except FutureTimeout:
+            return False
+        self._inflight = None
+        # N joins the transaction before the poll for N+1: a revoke inside that poll commits it
+        self.delivery.add(Batch(records, outcome))
+        # no fill wait here: it would idle the classifier; the backlog built up during N is the batch
+        return self._submit(self._take(room, 0.0, 0.0))
+
+    def _submit(self, records: list[Record]) -> bool:
+        if not records:
+            return False
+        if self.first_record_at is None:
+            self.first_record_at = time.perf_counter()
+        self._inflight = (records, self._classifier.submit(self.pipeline.process, records), time.monotonic())
+        return True
+
+    def _take(self, want: int, wait_s: float, fill_s: float) -> list[Record]:
+        """A batch as soon as one message is there: the first message (waiting up to `wait_s`),
+        then whatever else is already fetched (up to `want`), waiting up to `fill_s` more for it
+        to fill (`batch.max_wait_ms` when the classifier was idle, else nothing).
+
+        The batch is as large as the backlog that built up while the classifier worked on the
+        previous one (a dynamic batcher): one message at light load, `want` under a backlog."""
+        if want <= 0:
             return []
-        if want <= 1:
-            return [first]
-        fill_s = self.settings.batch.max_wait_ms / 1000
-        return [first, *self.consumer.consume(num_messages=want - 1, timeout=fill_s)]
+        messages: list[Message] = []
+        first = self.consumer.poll(wait_s)
+        if first is not None:
+            messages.append(first)
+            if want > 1:
+                messages.extend(self.consumer.consume(num_messages=want - 1, timeout=fill_s))
+        records = self._records(messages)
+        if self._rewind_to:  # a rebalance callback aborted: these follow what must be redone
+            self._rewind([*records])
+            return []
+        assigned = self._assigned_now()
+        return [r for r in records if (r.topic, r.partition) in assigned]
 
     def _records(self, messages: list[Message]) -> list[Record]:
         records = []
@@ -229,182 +622,103 @@ class ConfluentEngine:
                 log.warning("consume error", extra={"error": err.str(), "code": err.name()})
         return records
 
-    def _process(self, records: list[Record]) -> bool:
-        """True when the batch is delivered and committed; False means rewind and retry."""
-        try:
-            outcome = self.pipeline.process(records)
-        except InferenceError as e:
-            log.error("classifier failed on a batch; will retry", extra={"error": str(e), "size": len(records)})
-            self.hooks.on_batch_failed("inference")
+    # -- commit, failure, rewind ------------------------------------------------------------
+
+    def _commit_if(self, due: bool, final: bool = False) -> bool:
+        """Commit when due; count and report what was committed (once, after the commit)."""
+        if not due:
             return False
-        self.hooks.on_batch(outcome)
-        offsets = next_offsets(records)
-        self._batch_seq += 1
-        batch = f"{self._batch_prefix}{self._batch_seq}".encode()
-        try:
-            if self.exactly_once:
-                self._transact(outcome, offsets, batch)
-            else:
-                self._deliver_then_commit(outcome, offsets, batch)
-        except FatalDeliveryError as e:
-            log.critical("fatal delivery error", extra={"error": str(e), "batch": batch.decode()})
+        done = self.delivery.commit(final)
+        if done is None:
             return False
-        except DeliveryError as e:
-            log.warning("batch not delivered; rewinding", extra={"error": str(e), "batch": batch.decode()})
-            self.hooks.on_batch_failed("delivery")
-            self._check_topics(force=True)
-            return False
-        log.debug("batch committed", extra={"batch": batch.decode(), "messages": len(records)})
-        for tp in offsets:
-            self._committed[(tp.topic, tp.partition)] = tp.offset
-        self.hooks.on_committed(outcome.outgoing, int(time.time() * 1000))
+        self.last_commit_at = time.perf_counter()
+        now_ms = int(time.time() * 1000)
+        messages = 0
+        for batch in done.batches:
+            messages += len(batch.records)
+            self.hooks.on_batch(batch.outcome)
+            self.hooks.on_committed(batch.outcome.outgoing, now_ms)
+        self.processed += messages
+        log.debug("batch committed", extra={"batch": done.unit, "messages": messages, "batches": len(done.batches)})
         return True
 
-    def _produce(
-        self, out: Outgoing, batch: bytes, on_delivery: Callable[[KafkaError | None, Message], None] | None
-    ) -> None:
-        headers = cast(Any, [*out.headers, (BATCH_HEADER, batch)])
-        while True:
-            try:
-                self.producer.produce(out.topic, value=out.value, key=out.key, headers=headers, on_delivery=on_delivery)
-                return
-            except BufferError:  # local queue full: serve delivery reports, then try again
-                self.producer.poll(0.05)
-
-    def _transact(self, outcome: Outcome, offsets: list[TopicPartition], batch: bytes) -> None:
-        p = self.producer
-        try:
-            p.begin_transaction()
-            for out in outcome.outgoing:
-                self._produce(out, batch, None)
-            self._call(
-                lambda: p.send_offsets_to_transaction(offsets, self.consumer.consumer_group_metadata(), CALL_TIMEOUT_S)
-            )
-            self._call(lambda: p.commit_transaction(CALL_TIMEOUT_S))
-        except KafkaException as e:
-            err = _kafka_error(e)
-            if err.fatal():
-                self._fatal = err
-                raise FatalDeliveryError(err.str()) from e
-            self._abort()
-            raise DeliveryError(f"transaction aborted: {err.str()}") from e
-
-    def _call(self, fn: Callable[[], None]) -> None:
-        """Retry a transactional call while librdkafka says the same call may succeed."""
-        deadline = time.monotonic() + CALL_TIMEOUT_S
-        while True:
-            try:
-                self._bounded(fn)
-                return
-            except KafkaException as e:
-                err = _kafka_error(e)
-                if not err.retriable() or time.monotonic() > deadline or self._stop:
-                    raise
-                time.sleep(0.1)
-
-    def _bounded(self, fn: Callable[[], None]) -> None:
-        """Run a transactional call, but give up on it once it outlives its own timeout.
-
-        librdkafka can block in `send_offsets_to_transaction` forever, ignoring its timeout,
-        when the group coordinator goes away mid-transaction (confluentinc/librdkafka#5456,
-        #5511): seen here when the broker was killed and restarted. A wedged transactional
-        producer cannot be repaired in place, so the worker stops with a fatal error; its
-        restart (same transactional id) fences and aborts the open transaction, and the batch
-        is processed again from the committed offsets."""
-        outcome: list[BaseException | None] = []
-
-        def call() -> None:
-            try:
-                fn()
-                outcome.append(None)
-            except BaseException as e:  # handed to the caller's thread below
-                outcome.append(e)
-
-        thread = threading.Thread(target=call, name="txn-call", daemon=True)
-        thread.start()
-        thread.join(CALL_TIMEOUT_S + WEDGED_GRACE_S)
-        if not outcome:
-            message = f"transactional call did not return within {CALL_TIMEOUT_S + WEDGED_GRACE_S:.0f} s"
-            self._fatal = KafkaError(KafkaError._TIMED_OUT, message, fatal=True)
-            self._wedged = True
-            raise FatalDeliveryError(f"{message}; restarting fences the open transaction")
-        if outcome[0] is not None:
-            raise outcome[0]
-
-    def _abort(self) -> None:
-        try:
-            self._bounded(lambda: self.producer.abort_transaction(CALL_TIMEOUT_S))
-        except KafkaException as e:
-            err = _kafka_error(e)
-            if err.fatal():
-                self._fatal = err
-                raise FatalDeliveryError(err.str()) from e
-            log.warning("abort failed", extra={"error": err.str()})
-
-    def _deliver_then_commit(self, outcome: Outcome, offsets: list[TopicPartition], batch: bytes) -> None:
-        failures: list[KafkaError] = []
-
-        def on_delivery(err: KafkaError | None, _msg: Message) -> None:
-            if err is not None:
-                failures.append(err)
-
-        for out in outcome.outgoing:
-            self._produce(out, batch, on_delivery)
-        remaining = self.producer.flush(CALL_TIMEOUT_S)
-        if remaining or failures:
-            first = failures[0].str() if failures else "timeout"
-            raise DeliveryError(f"{len(failures)} failed, {remaining} unacknowledged outputs ({first})")
-        try:
-            self.consumer.commit(offsets=offsets, asynchronous=False)
-        except KafkaException as e:
-            raise DeliveryError(f"offset commit failed: {_kafka_error(e).str()}") from e
-
-    def _rewind(self, records: list[Record]) -> None:
-        """Seek the batch's partitions back to their committed offsets so it is processed again."""
-        assigned = {(tp.topic, tp.partition) for tp in self.consumer.assignment()}
-        mine = [TopicPartition(t, p) for t, p in {(r.topic, r.partition) for r in records} if (t, p) in assigned]
-        if not mine:
+    def _settle(self) -> None:
+        """Finish what is in hand: collect the classifier's batch, commit everything. Used on
+        stop and when partitions are revoked; a failure aborts and leaves a rewind."""
+        if self._fatal is not None:
             return
         try:
-            committed = self.consumer.committed(mine, timeout=CALL_TIMEOUT_S)
-        except KafkaException as e:
-            log.warning("cannot read committed offsets to rewind", extra={"error": str(e)})
-            committed = mine
-        for tp in committed:
-            target = tp.offset if tp.offset >= 0 else OFFSET_BEGINNING
-            try:
-                self.consumer.seek(TopicPartition(tp.topic, tp.partition, target))
-            except KafkaException as e:
-                log.warning("seek failed", extra={"partition": tp.partition, "error": str(e)})
+            if self._inflight is not None:
+                records, future, _started = self._inflight
+                outcome = future.result()
+                self._inflight = None
+                self.delivery.add(Batch(records, outcome))
+            self._commit_if(True, final=True)
+        except (InferenceError, DeliveryError) as e:
+            self._fail(e)
 
-    # -- callbacks and housekeeping ---------------------------------------------------------
-
-    def _check_topics(self, force: bool = False) -> None:
-        """Every TOPIC_CHECK_INTERVAL_S, and after a failed delivery: an output topic deleted
-        under us is recreated (auto_create) or reported each time, never silently skipped."""
-        now = time.monotonic()
-        if not force and now < self._next_topic_check:
+    def _fail(self, e: InferenceError | DeliveryError) -> None:
+        """Abort the whole commit unit and the batch at the classifier; seek back to their
+        first offsets so they are processed again."""
+        if isinstance(e, FatalDeliveryError):
+            log.critical("fatal delivery error", extra={"error": str(e)})
+            self._wedged = self._wedged or isinstance(e, WedgedClientError)
+            self._fatal = self._fatal or KafkaError(KafkaError._FATAL, str(e), fatal=True)
             return
-        self._next_topic_check = now + TOPIC_CHECK_INTERVAL_S
+        stage = "inference" if isinstance(e, InferenceError) else "delivery"
+        self.hooks.on_batch_failed(stage)
+        held = self._drop_inflight()
         try:
-            names = required_topics(self.settings, self.pipeline.router)
-            if self.settings.topics.auto_create:
-                t = self.settings.topics
-                created = ensure_topics(self._admin, names, t.partitions, t.replication)
-                if created:
-                    log.warning("recreated missing topics", extra={"topics": created})
-            elif missing := missing_topics(self._admin, names):
-                log.error("output topics missing; create them or set CW_TOPICS__AUTO_CREATE", extra={"topics": missing})
-        except (KafkaException, DeliveryError) as e:
-            log.warning("cannot check topics", extra={"error": str(e)})
+            dropped = self.delivery.abort()
+        except FatalDeliveryError as fatal:
+            self._fail(fatal)
+            return
+        held.extend(r for b in dropped.batches for r in b.records)
+        log.warning(
+            "batch not delivered; rewinding",
+            extra={"batch": dropped.unit, "stage": stage, "error": str(e), "messages": len(held)},
+        )
+        if stage == "delivery":
+            self.housekeeping.check_topics_soon()
+        self._rewind(held)
+
+    def _drop_inflight(self) -> list[Record]:
+        if self._inflight is None:
+            return []
+        records, future, _started = self._inflight
+        self._inflight = None
+        with contextlib.suppress(InferenceError):
+            future.result()  # let it finish: its result must not land after the rewind
+        return records
+
+    def _rewind(self, records: Sequence[Record]) -> None:
+        """Seek each assigned partition back to the first offset of what was dropped (merged
+        with targets left by a rebalance callback). Inside a callback only the targets are
+        kept; the seek happens after the poll returns."""
+        for key, offset in first_offsets(records).items():
+            self._rewind_to[key] = min(self._rewind_to.get(key, offset), offset)
+        if self._in_callback:
+            return
+        assigned = self._assigned_now()
+        for (topic, partition), offset in sorted(self._rewind_to.items()):
+            if (topic, partition) not in assigned:
+                continue
+            try:
+                self.consumer.seek(TopicPartition(topic, partition, offset))
+            except KafkaException as e:
+                log.warning("seek failed", extra={"partition": partition, "error": str(e)})
+        self._rewind_to.clear()
+
+    # -- callbacks ----------------------------------------------------------------------------
 
     def _retry(self, what: str, fn: Callable[[], T]) -> T | None:
-        backoff = Backoff()
+        backoff = Backoff(self.hooks.on_loop)
         while not self._should_stop():
+            self.hooks.on_loop()
             try:
                 return fn()
             except KafkaException as e:
-                err = _kafka_error(e)
+                err = kafka_error(e)
                 if err.fatal():
                     self._fatal = err
                     return None
@@ -421,39 +735,45 @@ class ConfluentEngine:
         else:
             log.warning("client error", extra={"error": err.str(), "code": err.name()})
 
+    def _assigned_now(self) -> set[tuple[str, int]]:
+        """Kept from the rebalance callbacks, so the housekeeping thread never calls the consumer."""
+        with self._assigned_lock:
+            return set(self._assigned)
+
     def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.info("partitions assigned", extra={"partitions": [p.partition for p in partitions]})
+        with self._assigned_lock:
+            self._assigned |= {(p.topic, p.partition) for p in partitions}
+        self._assigned_at = time.monotonic()
         self.hooks.on_assign([(p.topic, p.partition) for p in partitions])
 
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Finish the open transaction before the partitions move (or abort it)."""
         log.info("partitions revoked", extra={"partitions": [p.partition for p in partitions]})
+        self._in_callback_run(self._settle)
         self._forget(partitions)
 
     def _on_lost(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Our generation is gone: a commit would be fenced, so abort and redo what is kept."""
         log.warning("partitions lost", extra={"partitions": [p.partition for p in partitions]})
+        self._in_callback_run(self._abandon)
         self._forget(partitions)
 
-    def _forget(self, partitions: list[TopicPartition]) -> None:
-        for p in partitions:
-            self._committed.pop((p.topic, p.partition), None)
-        self.hooks.on_revoke([(p.topic, p.partition) for p in partitions])
+    def _abandon(self) -> None:
+        if self._inflight is not None or self.delivery.held():
+            self._fail(DeliveryError("partitions lost"))
 
-    def _report_lag(self) -> None:
-        """Lag from watermarks and committed offsets: librdkafka's own `consumer_lag` goes stale
-        when offsets are committed through a transaction."""
-        now = time.monotonic()
-        if now < self._next_lag:
-            return
-        self._next_lag = now + LAG_INTERVAL_S
+    def _in_callback_run(self, fn: Callable[[], None]) -> None:
+        self._in_callback = True
         try:
-            assigned = self.consumer.assignment()
-            unknown = [tp for tp in assigned if (tp.topic, tp.partition) not in self._committed]
-            if unknown:
-                for tp in self.consumer.committed(unknown, timeout=1.0):
-                    self._committed[(tp.topic, tp.partition)] = max(tp.offset, 0)
-            for tp in assigned:
-                _low, high = self.consumer.get_watermark_offsets(tp, timeout=1.0, cached=False)
-                committed = self._committed.get((tp.topic, tp.partition), 0)
-                self.hooks.on_lag(tp.topic, tp.partition, max(0, high - committed))
-        except KafkaException as e:
-            log.debug("lag not available", extra={"error": str(e)})
+            fn()
+        finally:
+            self._in_callback = False
+
+    def _forget(self, partitions: list[TopicPartition]) -> None:
+        gone = {(p.topic, p.partition) for p in partitions}
+        with self._assigned_lock:
+            self._assigned -= gone
+        for key in gone:
+            self._rewind_to.pop(key, None)
+        self.hooks.on_revoke(sorted(gone))

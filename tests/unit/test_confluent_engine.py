@@ -1,0 +1,252 @@
+"""The confluent engine's delivery and rewind decisions with fake clients: what a transaction
+spans, what at-least-once may commit, where a failed unit rewinds to, and liveness while the
+worker waits for a broker. The engine against a real broker is in tests/integration."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
+
+from worker.config import Settings, load_settings
+from worker.engines.confluent import AtLeastOnce, Batch, ConfluentEngine, Transactional, _UnitIds
+from worker.errors import DeliveryError
+from worker.observability import Health, Hooks
+from worker.pipeline import Outcome, build_pipeline
+from worker.records import Outgoing, Record
+
+TOPIC = "in"
+
+
+def _settings(tiny_bundle: Path, **commit: int) -> Settings:
+    # nothing listens on port 1: the real clients are built but never reach a broker
+    return load_settings(
+        kafka={"bootstrap_servers": "127.0.0.1:1", "instance_id": "unit"},
+        model={"path": tiny_bundle},
+        commit=commit or {"interval_ms": 100},
+        metrics={"enabled": False},
+    )
+
+
+def _batch(partition: int, *offsets: int) -> Batch:
+    records = [Record(b"{}", topic=TOPIC, partition=partition, offset=o) for o in offsets]
+    outgoing = [Outgoing("out", r.value, r.key, [], "routed", r, "banking") for r in records]
+    return Batch(records, Outcome(outgoing, 0.0))
+
+
+class FakeProducer:
+    """Records transactional calls; `fail_commit` makes commit_transaction raise an abortable error."""
+
+    def __init__(self, fail_commit: bool = False) -> None:
+        self.calls: list[str] = []
+        self.sent_offsets: list[tuple[str, int, int]] = []
+        self.fail_commit = fail_commit
+        self.abort_timeouts = 0
+        self.pending: list[Callable[[KafkaError | None, Any], None]] = []
+
+    def begin_transaction(self) -> None:
+        self.calls.append("begin")
+
+    def produce(self, topic: str, **kw: Any) -> None:
+        self.calls.append("produce")
+        if kw.get("on_delivery"):
+            self.pending.append(kw["on_delivery"])
+
+    def send_offsets_to_transaction(self, offsets: list[TopicPartition], _group: object, _timeout: float) -> None:
+        self.sent_offsets = [(tp.topic, tp.partition, tp.offset) for tp in offsets]
+
+    def commit_transaction(self, _timeout: float) -> None:
+        if self.fail_commit:
+            raise KafkaException(KafkaError(KafkaError._FAIL, "broker went away", txn_requires_abort=True))
+        self.calls.append("commit")
+
+    def abort_transaction(self, _timeout: float) -> None:
+        self.calls.append("abort")
+        if self.abort_timeouts:
+            self.abort_timeouts -= 1
+            raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "retry call to resume", retriable=True))
+
+    def poll(self, _timeout: float = 0) -> int:
+        return 0
+
+    def flush(self, _timeout: float = 0) -> int:
+        return 0
+
+    def ack(self, n: int, err: KafkaError | None = None) -> None:
+        for cb in self.pending[:n]:
+            cb(err, None)
+        del self.pending[:n]
+
+
+class FakeConsumer:
+    """Owns partitions 0 and 1; `committed()` always fails (a broker that cannot answer)."""
+
+    def __init__(self) -> None:
+        self.seeks: list[tuple[str, int, int]] = []
+        self.commits: list[list[tuple[str, int, int]]] = []
+
+    def consumer_group_metadata(self) -> object:
+        return object()
+
+    def committed(self, *_a: object, **_kw: object) -> list[TopicPartition]:
+        raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "committed offsets unavailable"))
+
+    def seek(self, tp: TopicPartition) -> None:
+        self.seeks.append((tp.topic, tp.partition, tp.offset))
+
+    def commit(self, offsets: list[TopicPartition], asynchronous: bool) -> None:
+        self.commits.append([(tp.topic, tp.partition, tp.offset) for tp in offsets])
+
+    def close(self) -> None: ...
+
+
+def test_one_transaction_spans_the_micro_batches_of_an_interval(tiny_bundle: Path) -> None:
+    # Given a transactional delivery with a 60 s interval and a 5-message cap
+    producer, consumer = FakeProducer(), FakeConsumer()
+    tx = Transactional(producer, consumer, _settings(tiny_bundle, interval_ms=60_000, max_items=5), _UnitIds("u"))  # type: ignore[arg-type]
+    # When two micro-batches (4 messages) are added, then a third (6 in all)
+    tx.add(_batch(0, 10, 11))
+    tx.add(_batch(1, 7, 8))
+    assert not tx.due(time.monotonic()), "due before the interval or the cap"
+    tx.add(_batch(0, 12, 13))
+    # Then one transaction holds all three, is due at the cap, and commits every partition's next offset
+    assert tx.due(time.monotonic())
+    done = tx.commit(final=False)
+    assert done is not None and len(done.batches) == 3
+    assert producer.calls.count("begin") == 1 and producer.calls.count("commit") == 1
+    assert producer.sent_offsets == [(TOPIC, 0, 14), (TOPIC, 1, 9)]
+    assert {b.unit for b in done.batches} == {done.unit}, "every output of the transaction names it"
+
+
+def test_at_least_once_commits_only_the_acknowledged_prefix_in_order(tiny_bundle: Path) -> None:
+    producer, consumer = FakeProducer(), FakeConsumer()
+    alo = AtLeastOnce(producer, consumer, _settings(tiny_bundle), _UnitIds("u"))  # type: ignore[arg-type]
+    alo.add(_batch(0, 0, 1))  # A
+    alo.add(_batch(0, 2, 3))  # B
+    alo.add(_batch(1, 0))  # C
+    # When A is acknowledged but B is not (C is: its partition still waits behind B)
+    producer.ack(2)
+    callbacks_b = producer.pending[:2]
+    producer.pending = producer.pending[2:]
+    producer.ack(1)
+    done = alo.commit(final=False)
+    # Then only A's offsets are committed
+    assert done is not None and len(done.batches) == 1
+    assert consumer.commits == [[(TOPIC, 0, 2)]]
+    # And once B is acknowledged, B and C follow
+    for cb in callbacks_b:
+        cb(None, None)
+    done = alo.commit(final=False)
+    assert done is not None and len(done.batches) == 2
+    assert consumer.commits[-1] == [(TOPIC, 0, 4), (TOPIC, 1, 1)]
+
+
+def test_at_least_once_delivery_failure_is_raised_at_the_commit(tiny_bundle: Path) -> None:
+    producer, consumer = FakeProducer(), FakeConsumer()
+    alo = AtLeastOnce(producer, consumer, _settings(tiny_bundle), _UnitIds("u"))  # type: ignore[arg-type]
+    alo.add(_batch(0, 0, 1))
+    producer.ack(2, KafkaError(KafkaError.MSG_SIZE_TOO_LARGE, "too large"))
+    with pytest.raises(DeliveryError, match="too large"):
+        alo.commit(final=False)
+    assert consumer.commits == [], "nothing committed past an undelivered output"
+
+
+def test_an_abort_that_timed_out_is_called_again_before_the_next_transaction(
+    tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given an abort that times out for longer than one abort call retries
+    monkeypatch.setattr("worker.engines.confluent.CALL_TIMEOUT_S", 0.0)
+    producer = FakeProducer()
+    producer.abort_timeouts = 1
+    tx = Transactional(producer, FakeConsumer(), _settings(tiny_bundle), _UnitIds("u"))  # type: ignore[arg-type]
+    tx.add(_batch(0, 1))
+    tx.abort()
+    # When the next micro-batch arrives
+    tx.add(_batch(0, 1))
+    # Then the abort is finished first (librdkafka refuses every other call until it is)
+    assert producer.calls == ["begin", "produce", "abort", "abort", "begin", "produce"]
+
+
+@pytest.fixture
+def engine(tiny_bundle: Path) -> ConfluentEngine:
+    settings = _settings(tiny_bundle, interval_ms=60_000)
+    e = ConfluentEngine(settings, build_pipeline(settings), Hooks())
+    e.consumer.close()
+    return e
+
+
+def test_failed_transaction_rewinds_to_its_own_first_offsets_without_asking_the_broker(
+    engine: ConfluentEngine,
+) -> None:
+    # Given a transaction of two micro-batches whose commit fails, on a consumer whose
+    # committed() raises (the fallback used to seek to the partition's beginning)
+    producer, consumer = FakeProducer(fail_commit=True), FakeConsumer()
+    engine.consumer, engine.producer = consumer, producer  # type: ignore[assignment]
+    engine.delivery = Transactional(producer, consumer, engine.settings, _UnitIds("u"))  # type: ignore[arg-type]
+    engine._assigned = {(TOPIC, 0), (TOPIC, 1)}
+    engine.delivery.add(_batch(0, 40, 41, 42))
+    engine.delivery.add(_batch(1, 7, 8))
+    engine.delivery.add(_batch(0, 43))
+
+    # When the engine commits
+    with pytest.raises(DeliveryError) as failed:
+        engine._commit_if(True)
+    engine._fail(failed.value)
+
+    # Then the transaction is aborted and each partition rewinds to the transaction's first offset
+    assert producer.calls[-1] == "abort"
+    assert sorted(consumer.seeks) == [(TOPIC, 0, 40), (TOPIC, 1, 7)]
+    assert engine.processed == 0 and not engine.delivery.held()
+
+
+def test_rewind_inside_a_rebalance_callback_waits_for_the_poll_and_skips_revoked_partitions(
+    engine: ConfluentEngine,
+) -> None:
+    producer, consumer = FakeProducer(fail_commit=True), FakeConsumer()
+    engine.consumer, engine.producer = consumer, producer  # type: ignore[assignment]
+    engine.delivery = Transactional(producer, consumer, engine.settings, _UnitIds("u"))  # type: ignore[arg-type]
+    engine._assigned = {(TOPIC, 0), (TOPIC, 1)}
+    engine.delivery.add(_batch(0, 5, 6))
+    engine.delivery.add(_batch(1, 9))
+    # When partition 1 is revoked and finishing the transaction fails
+    engine._on_revoke(consumer, [TopicPartition(TOPIC, 1)])  # type: ignore[arg-type]
+    # Then nothing is sought inside the callback; the kept partition rewinds once the poll returns
+    assert consumer.seeks == []
+    engine._rewind([])
+    assert consumer.seeks == [(TOPIC, 0, 5)]
+
+
+def test_health_stays_alive_while_waiting_for_a_broker_that_is_down(
+    engine: ConfluentEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a liveness window far shorter than the back-off (0.5 + 1 + 2 s)
+    monkeypatch.setattr(Health, "STALE_AFTER_S", 0.3)
+    health = Health()
+    engine.hooks = health
+    attempts: list[float] = []
+
+    def broker_down() -> None:
+        attempts.append(time.monotonic())
+        if len(attempts) < 4:
+            raise KafkaException(KafkaError(KafkaError._TRANSPORT, "connection refused"))
+
+    # When the engine waits for it while a probe asks /healthz's question every 50 ms
+    probes: list[bool] = []
+    stop = threading.Event()
+    prober = threading.Thread(
+        target=lambda: [probes.append(health.alive()) for _ in iter(lambda: stop.wait(0.05), True)]
+    )
+    prober.start()
+    try:
+        engine._retry("probe", broker_down)
+    finally:
+        stop.set()
+        prober.join()
+    # Then every probe during 3.5 s of waiting found the worker alive
+    assert len(attempts) == 4 and attempts[-1] - attempts[0] > 10 * Health.STALE_AFTER_S
+    assert len(probes) > 20 and all(probes), f"{probes.count(False)} of {len(probes)} probes saw a stalled loop"
