@@ -32,6 +32,7 @@ from confluent_kafka import (
 
 from worker.config import Settings
 from worker.errors import DeliveryError, FatalDeliveryError, InferenceError
+from worker.kafka_errors import ClientLog, KafkaAccessError, Resources, Side, check_access, explain, kafka_error_of
 from worker.messages import BATCH_HEADER
 from worker.observability import Hooks
 from worker.pipeline import Outcome, Pipeline
@@ -99,12 +100,16 @@ def _kafka_error(e: KafkaException) -> KafkaError:
 
 class ConfluentEngine:
     def __init__(self, settings: Settings, pipeline: Pipeline, hooks: Hooks) -> None:
+        check_access(settings)  # before any client connects: a refused login is one line, not every client's
         self.settings = settings
         self.pipeline = pipeline
         self.hooks = hooks
         self.exactly_once = settings.delivery == "exactly_once"
         self._stop = False
         self._fatal: KafkaError | None = None
+        #: why the cluster refuses us (credentials, TLS, an ACL): stop, and `run` raises KafkaAccessError
+        self._refusal: str | None = None
+        self._resources = Resources.of(settings, required_topics(settings, pipeline.router))
         self._committed: dict[tuple[str, int], int] = {}
         self._next_lag = 0.0
         self._next_topic_check = time.monotonic() + TOPIC_CHECK_INTERVAL_S
@@ -116,12 +121,20 @@ class ConfluentEngine:
         # instance + pid: unique across restarts of one replica, so a batch id names one attempt
         self._batch_prefix = f"{settings.kafka.instance_id}:{os.getpid()}:"
         self._batch_seq = 0
-        client_logger = logging.getLogger("librdkafka")
+        self._client_log = ClientLog()
         self.consumer = Consumer(
-            {**settings.librdkafka_consumer(), "logger": client_logger, "error_cb": self._on_error}
+            {
+                **settings.librdkafka_consumer(),
+                "logger": self._client_log,
+                "error_cb": lambda err: self._on_error(err, "consumer"),
+            }
         )
         self.producer = Producer(
-            {**settings.librdkafka_producer(), "logger": client_logger, "error_cb": self._on_error}
+            {
+                **settings.librdkafka_producer(),
+                "logger": self._client_log,
+                "error_cb": lambda err: self._on_error(err, "producer"),
+            }
         )
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -131,12 +144,13 @@ class ConfluentEngine:
         self._stop = True
 
     def _should_stop(self) -> bool:
-        return self._stop or self._fatal is not None
+        return self._stop or self._fatal is not None or self._refusal is not None
 
     def run(self, max_messages: int | None = None, idle_exit_s: float | None = None) -> None:
         """Run until stopped, `max_messages` are committed, or nothing arrives for `idle_exit_s`.
 
-        Raises `FatalDeliveryError` when the producer is fenced or fatally broken."""
+        Raises `FatalDeliveryError` when the producer is fenced or fatally broken, `KafkaAccessError`
+        when the cluster lacks an ACL we need (refused credentials are found in `__init__`)."""
         try:
             if self.settings.topics.auto_create:
                 t = self.settings.topics
@@ -153,6 +167,8 @@ class ConfluentEngine:
             self._loop(max_messages, idle_exit_s)
         finally:
             self._close()
+        if self._refusal is not None:
+            raise KafkaAccessError(self._refusal)
         if self._fatal is not None:
             raise FatalDeliveryError(f"fatal Kafka error: {self._fatal.str()}")
 
@@ -191,7 +207,10 @@ class ConfluentEngine:
             self.consumer.close()  # leaves the group, so the partitions move at once
         except (KafkaException, RuntimeError) as e:
             log.warning("consumer close failed", extra={"error": str(e)})
-        self.producer.flush(5.0)
+        try:
+            self.producer.flush(5.0)
+        except KafkaException as e:  # a fatally failed producer (fenced, refused) raises its error again
+            log.warning("producer flush failed", extra={"error": str(e)})
 
     # -- one batch ---------------------------------------------------------------------------
 
@@ -216,6 +235,8 @@ class ConfluentEngine:
             err = m.error()
             if err is None:
                 records.append(to_record(m))
+            elif self._refused(err, "consumer"):
+                continue
             elif err.fatal():
                 self._fatal = err
             elif err.code() != KafkaError._PARTITION_EOF:
@@ -276,8 +297,10 @@ class ConfluentEngine:
             self._call(lambda: p.commit_transaction(CALL_TIMEOUT_S))
         except KafkaException as e:
             err = _kafka_error(e)
+            p.poll(0)  # serves the log lines that name a topic the transaction was refused
+            refused = self._refused(err, "producer")
             if err.fatal():
-                self._fatal = err
+                self._fatal = None if refused else err
                 raise FatalDeliveryError(err.str()) from e
             self._abort()
             raise DeliveryError(f"transaction aborted: {err.str()}") from e
@@ -367,8 +390,15 @@ class ConfluentEngine:
         while not self._should_stop():
             try:
                 return fn()
+            except DeliveryError as e:  # e.g. a topic we may not create
+                err_in = kafka_error_of(e)
+                if err_in is not None and self._refused(err_in, "admin"):
+                    return None
+                raise
             except KafkaException as e:
                 err = _kafka_error(e)
+                if self._refused(err, "producer"):
+                    return None
                 if err.fatal():
                     self._fatal = err
                     return None
@@ -378,7 +408,17 @@ class ConfluentEngine:
                 backoff.wait(self._should_stop)
         return None
 
-    def _on_error(self, err: KafkaError) -> None:
+    def _refused(self, err: KafkaError, side: Side) -> bool:
+        """True when waiting cannot fix `err` (see worker.kafka_errors); the first cause is kept
+        for the one line `run` raises, and the loop stops."""
+        cause = explain(err, self._resources, side, self._client_log.denied_topics)
+        if cause is not None and self._refusal is None:
+            self._refusal = cause
+        return cause is not None
+
+    def _on_error(self, err: KafkaError, side: Side) -> None:
+        if self._refused(err, side):
+            return
         if err.fatal():
             self._fatal = err
             log.critical("fatal client error", extra={"error": err.str()})
