@@ -40,6 +40,24 @@ Side = Literal["consumer", "producer", "admin"]
 
 #: librdkafka's log line naming the topic a transaction coordinator refused; no error code does.
 _DENIED_IN_TXN = re.compile(r'Failed to add partition "([^"]+)" \[-?\d+\] to transaction: Broker: Topic authorization')
+#: A plaintext client at a TLS or SASL listener: the broker closes the connection on our first
+#: request. librdkafka logs it as a plain disconnect (a broker restart looks the same), so it is
+#: only a hint on the "waiting for the broker" line, never a reason to exit.
+_CLOSED_AT_FIRST_REQUEST = re.compile(r"Disconnected.*in state APIVERSION_QUERY")
+PROTOCOL_HINT = "the broker closes every connection at its first request: a TLS or SASL listener? (security.protocol)"
+#: A librdkafka line repeated within this window (same text but for its numbers) is left out and
+#: counted: its reconnect backoff retries a refused connection several times a second, and a
+#: few hundred identical lines a minute would bury the one that names the cause.
+REPEAT_WINDOW_S = 30.0
+_NUMBERS = re.compile(r"\d+")
+_AUTHORIZATION_CODES = frozenset(
+    {
+        KafkaError.TOPIC_AUTHORIZATION_FAILED,
+        KafkaError.GROUP_AUTHORIZATION_FAILED,
+        KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
+        KafkaError.CLUSTER_AUTHORIZATION_FAILED,
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -65,16 +83,35 @@ class Resources:
 @dataclass
 class ClientLog:
     """librdkafka's `logger`: forwards each line to the `librdkafka` logger and remembers the
-    topics a transaction coordinator refused, which only these lines name."""
+    topics a transaction coordinator refused, which only these lines name, and whether
+    connections are closed the way a listener speaking another protocol closes them."""
 
     denied_topics: set[str] = field(default_factory=set)
+    protocol_hint: str | None = None
     _log: logging.Logger = field(default_factory=lambda: logging.getLogger("librdkafka"))
+    #: per line shape: (when it was last logged, how many repeats were left out since)
+    _seen: dict[str, tuple[float, int]] = field(default_factory=dict)
 
     def log(self, level: int, msg: str, *args: object) -> None:
-        self._log.log(level, msg, *args)
-        match = _DENIED_IN_TXN.search(msg % args if args else msg)
+        text = msg % args if args else msg
+        self._forward(level, text)
+        match = _DENIED_IN_TXN.search(text)
         if match:
             self.denied_topics.add(match.group(1))
+        if _CLOSED_AT_FIRST_REQUEST.search(text):
+            self.protocol_hint = PROTOCOL_HINT
+
+    def _forward(self, level: int, text: str) -> None:
+        shape = _NUMBERS.sub("#", text)
+        now = time.monotonic()
+        last_s, left_out = self._seen.get(shape, (-REPEAT_WINDOW_S, 0))
+        if now - last_s < REPEAT_WINDOW_S:
+            self._seen[shape] = (last_s, left_out + 1)
+            return
+        self._seen[shape] = (now, 0)
+        if left_out:
+            text = f"{text} (and {left_out} more like it in the last {now - last_s:.0f} s)"
+        self._log.log(level, "%s", text)
 
 
 def explain(err: KafkaError, res: Resources, side: Side, denied_topics: Iterable[str] = ()) -> str | None:
@@ -88,7 +125,11 @@ def explain(err: KafkaError, res: Resources, side: Side, denied_topics: Iterable
     if "connecting to a PLAINTEXT broker listener" in text:
         return f"TLS is configured but the listener does not speak TLS (security.protocol mismatch): {text}"
     acl = _missing_acl(code, res, side, sorted(denied_topics))
-    return f"missing ACL: {acl} for this principal ({text})" if acl else None
+    if acl is None:
+        return None
+    if code not in _AUTHORIZATION_CODES:  # a transaction refused a topic, then failed on something else
+        text = f"librdkafka logged Topic authorization failed; the call then failed with: {text}"
+    return f"missing ACL: {acl} for this principal ({text})"
 
 
 def _authentication(text: str) -> str:
@@ -153,7 +194,8 @@ def check_access(settings: Settings, should_stop: Callable[[], bool] = lambda: F
         if cause:
             refusals.append(cause)
 
-    conf: dict[str, Any] = {**settings.librdkafka_admin(), "logger": ClientLog(), "error_cb": on_error}
+    client_log = ClientLog()
+    conf: dict[str, Any] = {**settings.librdkafka_admin(), "logger": client_log, "error_cb": on_error}
     admin = AdminClient(conf)
     delay_s = CHECK_BACKOFF_START_S
     while not should_stop():
@@ -162,7 +204,12 @@ def check_access(settings: Settings, should_stop: Callable[[], bool] = lambda: F
             return
         log.warning(
             "waiting for the broker",
-            extra={"bootstrap": settings.kafka.bootstrap_servers, "error": error, "retry_in_s": delay_s},
+            extra={
+                "bootstrap": settings.kafka.bootstrap_servers,
+                "error": error,
+                "hint": client_log.protocol_hint,
+                "retry_in_s": delay_s,
+            },
         )
         _sleep(delay_s, should_stop)
         delay_s = min(delay_s * 2, CHECK_BACKOFF_MAX_S)

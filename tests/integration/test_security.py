@@ -292,6 +292,31 @@ def test_bad_credentials_or_mismatched_security_exit_4_with_one_line(
     print(f"{engine}, {case}: exit {EXIT_ACCESS} after {took:.1f} s: {line}")
 
 
+def test_plaintext_against_the_tls_listener_waits_with_a_slow_logged_hint(
+    secured, tiny_bundle: Path, tmp_path: Path
+) -> None:
+    # Given a worker with no security settings pointed at the SASL_SSL listener: librdkafka sees
+    # only closed connections, as during a broker restart, so this is a wait, not an exit
+    topics = _topics(secured.plain)
+    env = {**_env(secured, topics, tiny_bundle), "CW_KAFKA__CONFIG": "{}"}
+    log = tmp_path / "worker.log"
+    worker = start_worker(env, log)
+    try:
+        # When it has tried for 8 s
+        time.sleep(8)
+        assert worker.poll() is None, log.read_text()[-3000:]
+    finally:
+        worker.kill()
+        worker.wait(10)
+    # Then it waited with a backoff, each attempt logged with a hint at the security protocol
+    lines = log.read_text().splitlines()
+    waits = [json.loads(line) for line in lines if '"waiting for the broker"' in line]
+    assert 2 <= len(waits) <= 5, f"{len(waits)} attempts in 8 s:\n" + "\n".join(lines[-20:])
+    assert all("security.protocol" in (w.get("hint") or "") for w in waits), waits
+    assert [w["retry_in_s"] for w in waits] == [0.5 * 2**i for i in range(len(waits))]
+    assert len(lines) < 15, "\n".join(lines)
+
+
 @pytest.mark.skipif(not _faust_available(), reason="needs the [faust] extra")
 def test_faust_engine_routes_the_scenario_on_the_secured_listener(secured, tiny_bundle: Path, tmp_path: Path) -> None:
     from devkit.security import grant
