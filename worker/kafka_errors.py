@@ -19,18 +19,29 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka import OFFSET_END, Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from worker.config import Settings
 from worker.errors import KafkaAccessError
 
-__all__ = ["ClientLog", "KafkaAccessError", "Resources", "check_access", "explain", "kafka_error_of"]
+__all__ = [
+    "ClientLog",
+    "KafkaAccessError",
+    "Resources",
+    "check_access",
+    "check_consumer_access",
+    "explain",
+    "kafka_error_of",
+]
 log = logging.getLogger(__name__)
 
 #: How long the start-up check waits for metadata per attempt: a healthy broker answers in
 #: milliseconds, and a refused login is reported within a second of connecting.
 CHECK_TIMEOUT_S = 2.0
+#: How long the consumer probe fetches from the input topic's end: a refused fetch is reported
+#: within a second; nothing is read (the end has no records yet) and nothing is committed.
+PROBE_FETCH_S = 2.0
 #: Between start-up attempts while the broker does not answer at all: quick first retry, then
 #: no more than one attempt (and one log line) every 30 s.
 CHECK_BACKOFF_START_S = 0.5
@@ -231,6 +242,28 @@ def _metadata_or_refusal(admin: AdminClient, refusals: list[str]) -> str | None:
         if refusals:
             raise KafkaAccessError(refusals[0])
     return error
+
+
+def check_consumer_access(settings: Settings) -> None:
+    """For an engine whose client retries a refused group or input topic in silence (aiokafka in
+    the Faust engine): with the worker's own settings and group, fetch from the end of one input
+    partition for PROBE_FETCH_S. librdkafka looks up the group's coordinator (READ on the group)
+    and fetches (READ on the topic); nothing is read, nothing committed, no group joined.
+    `KafkaAccessError` names what is missing; anything else is left to the engine."""
+    res = Resources.of(settings)
+    conf: dict[str, Any] = {**settings.librdkafka_consumer(), "logger": ClientLog()}
+    consumer = Consumer(conf)
+    try:
+        consumer.assign([TopicPartition(settings.topics.input, 0, OFFSET_END)])
+        deadline = time.monotonic() + PROBE_FETCH_S
+        while time.monotonic() < deadline:
+            message = consumer.poll(0.1)
+            err = message.error() if message is not None else None
+            cause = explain(err, res, "consumer") if err is not None else None
+            if cause is not None:
+                raise KafkaAccessError(cause)
+    finally:
+        consumer.close()
 
 
 def _sleep(seconds: float, should_stop: Callable[[], bool]) -> None:

@@ -25,19 +25,22 @@ import logging
 import os
 import signal
 import ssl
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import faust
+from aiokafka.errors import BrokerResponseError
+from confluent_kafka import KafkaError
 
 from worker.config import SECURITY_KEYS, KafkaSecurity, Settings
 from worker.errors import ConfigError, InferenceError
-from worker.kafka_errors import check_access
+from worker.kafka_errors import Resources, check_access, check_consumer_access, explain
 from worker.observability import Hooks
 from worker.pipeline import Pipeline
 from worker.records import Record
-from worker.topics import ensure_for
+from worker.topics import ensure_for, required_topics
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +120,7 @@ class FaustClassifier:
         self.pipeline = pipeline
         self.hooks = hooks or Hooks()
         self.processed = 0
+        self._resources = Resources.of(settings, required_topics(settings, pipeline.router))
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="classify")
         self._topics: dict[str, faust.TopicT] = {}
         self._source = self._raw_topic(settings.topics.input)
@@ -156,10 +160,32 @@ class FaustClassifier:
                 await self._topic(o.topic).send(key=o.key, value=o.value, headers=[(k, v or b"") for k, v in o.headers])
                 for o in outcome.outgoing
             ]
-            await asyncio.gather(*sends)  # every output acknowledged before these offsets are acked
+            try:
+                await asyncio.gather(*sends)  # every output acknowledged before these offsets are acked
+            except BrokerResponseError as e:
+                await self._refused(e)
+                raise
             self.hooks.on_batch(outcome)
             self.hooks.on_committed(outcome.outgoing, int(time.time() * 1000))
             self.processed += len(records)
+
+    async def _refused(self, e: BrokerResponseError) -> None:
+        """A send the cluster refused (aiokafka's errno is Kafka's error code) ends the process
+        at once, as a crash would, printing the CLI's refusal line and exiting with its code.
+
+        Not a graceful stop: `take_events` acknowledges a batch when the agent leaves it, even by
+        an exception or a cancellation, and Faust would then commit offsets whose outputs were
+        refused. Exiting here leaves the batch unacknowledged, so a restart sends it again."""
+        from worker.cli import EXIT_ACCESS
+
+        named = [a for a in e.args if isinstance(a, str) and a in self._resources.outputs]  # aiokafka's topic
+        cause = explain(KafkaError(e.errno, str(e)), self._resources, "producer", named)
+        if cause is None:
+            return
+        log.critical("Kafka refused an output; exiting before the batch is acknowledged", extra={"cause": cause})
+        sys.stderr.write(f"classify-worker: Kafka refused the worker: {cause}\n")
+        sys.stderr.flush()
+        os._exit(EXIT_ACCESS)
 
     async def _process_until_it_works(self, records: list[Record]) -> Any:
         delay = BACKOFF_START_S
@@ -201,6 +227,7 @@ def run(
     check_access(settings)
     if settings.topics.auto_create:
         ensure_for(settings, pipeline.router)
+    check_consumer_access(settings)  # aiokafka would retry a refused group or topic in silence
     classifier = FaustClassifier(app, settings, pipeline, hooks)
     state = {"last": time.monotonic(), "seen": 0}
 
