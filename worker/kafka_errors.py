@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -167,7 +167,7 @@ def _missing_acl(code: int, res: Resources, side: Side, denied_topics: list[str]
     if code == KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED:
         return f"WRITE on transactional-id {res.transactional_id}"
     if code == KafkaError.CLUSTER_AUTHORIZATION_FAILED:
-        return "CREATE on cluster kafka-cluster" if side == "admin" else "IDEMPOTENT_WRITE on cluster kafka-cluster"
+        return "CREATE on the topics to create" if side == "admin" else "IDEMPOTENT_WRITE on cluster kafka-cluster"
     if code == KafkaError.TOPIC_AUTHORIZATION_FAILED:
         if side == "consumer":
             return f"READ on topic {res.input_topic}"
@@ -191,7 +191,7 @@ def kafka_error_of(exc: BaseException) -> KafkaError | None:
     return None
 
 
-def check_access(settings: Settings, should_stop: Callable[[], bool] = lambda: False) -> None:
+def check_access(settings: Settings) -> None:
     """Before anything else, connect the way every client will and fetch metadata.
 
     A login the cluster refuses ends the start within seconds with `KafkaAccessError` (instead of a
@@ -209,7 +209,7 @@ def check_access(settings: Settings, should_stop: Callable[[], bool] = lambda: F
     conf: dict[str, Any] = {**settings.librdkafka_admin(), "logger": client_log, "error_cb": on_error}
     admin = AdminClient(conf)
     delay_s = CHECK_BACKOFF_START_S
-    while not should_stop():
+    while True:
         error = _metadata_or_refusal(admin, refusals)
         if error is None:
             return
@@ -222,7 +222,7 @@ def check_access(settings: Settings, should_stop: Callable[[], bool] = lambda: F
                 "retry_in_s": delay_s,
             },
         )
-        _sleep(delay_s, should_stop)
+        time.sleep(delay_s)
         delay_s = min(delay_s * 2, CHECK_BACKOFF_MAX_S)
 
 
@@ -264,9 +264,3 @@ def check_consumer_access(settings: Settings) -> None:
                 raise KafkaAccessError(cause)
     finally:
         consumer.close()
-
-
-def _sleep(seconds: float, should_stop: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline and not should_stop():
-        time.sleep(0.05)

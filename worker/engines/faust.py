@@ -163,13 +163,13 @@ class FaustClassifier:
             try:
                 await asyncio.gather(*sends)  # every output acknowledged before these offsets are acked
             except BrokerResponseError as e:
-                await self._refused(e)
+                self._exit_if_refused(e)
                 raise
             self.hooks.on_batch(outcome)
             self.hooks.on_committed(outcome.outgoing, int(time.time() * 1000))
             self.processed += len(records)
 
-    async def _refused(self, e: BrokerResponseError) -> None:
+    def _exit_if_refused(self, e: BrokerResponseError) -> None:
         """A send the cluster refused (aiokafka's errno is Kafka's error code) ends the process
         at once, as a crash would, printing the CLI's refusal line and exiting with its code.
 
@@ -182,7 +182,6 @@ class FaustClassifier:
         cause = explain(KafkaError(e.errno, str(e)), self._resources, "producer", named)
         if cause is None:
             return
-        log.critical("Kafka refused an output; exiting before the batch is acknowledged", extra={"cause": cause})
         sys.stderr.write(f"classify-worker: Kafka refused the worker: {cause}\n")
         sys.stderr.flush()
         os._exit(EXIT_ACCESS)
