@@ -23,7 +23,6 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from devkit.ports import free_port
 from devkit.toolkit import end_offsets, read_outputs
 from tests.support import scenario
 from tests.support.kafka import TopicSet, produce, start_worker, wait_for_log
@@ -139,16 +138,15 @@ def test_exactly_the_listed_acls_route_exactly_once_and_the_password_shows_nowhe
     assert len(held) == len(acls), f"the principal holds more than the listed set: {sorted(held)}"
 
     # When a worker with DEBUG logs (librdkafka's too) routes 300 messages over SASL_SSL
-    port = free_port()
-    env = {
-        **_env(secured, topics, tiny_bundle, debug="security,broker,conf"),
-        "CW_LOG_LEVEL": "DEBUG",
-        "CW_METRICS__PORT": str(port),
-    }
+    env = {**_env(secured, topics, tiny_bundle, debug="security,broker,conf"), "CW_LOG_LEVEL": "DEBUG"}
     log = tmp_path / "worker.log"
     worker = start_worker(env, log)
     try:
         wait_for_log(log, "partitions assigned", timeout_s=60)
+        # the metrics server's own port (CW_METRICS__PORT=0), from its start line: no port race
+        port = next(
+            json.loads(line)["metrics_port"] for line in log.read_text().splitlines() if "worker starting" in line
+        )
         messages, expected = scenario.build(300)
         produce(secured.plain, topics.input, messages)
         received = read_outputs(secured.plain, topics.outputs(CATEGORIES), expect=len(expected), quiet_s=0.5)
