@@ -20,7 +20,7 @@ import orjson
 import typer
 
 from worker.config import Settings, load_settings
-from worker.errors import ConfigError, DataError, FatalDeliveryError, ModelError, WorkerError
+from worker.errors import ConfigError, DataError, FatalDeliveryError, KafkaAccessError, ModelError, WorkerError
 
 if TYPE_CHECKING:
     from worker.observability import Hooks
@@ -37,6 +37,8 @@ log = logging.getLogger("worker")
 EXIT_FATAL = 1
 EXIT_CONFIG = 2
 EXIT_MODEL = 3
+#: the cluster refuses us (credentials, TLS trust, security protocol, a missing ACL): fix, then restart
+EXIT_ACCESS = 4
 
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", help="YAML settings file; CW_* environment variables win over it.")
@@ -64,6 +66,8 @@ def _errors() -> Iterator[None]:
         _fail(EXIT_MODEL, f"model error: {e}")
     except DataError as e:
         _fail(EXIT_CONFIG, f"data error: {e}")
+    except KafkaAccessError as e:
+        _fail(EXIT_ACCESS, f"Kafka refused the worker: {e}")
     except FatalDeliveryError as e:
         _fail(EXIT_FATAL, str(e))
     except WorkerError as e:

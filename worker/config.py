@@ -28,6 +28,49 @@ class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+#: The librdkafka keys `KafkaSecurity` reads: the SASL/TLS settings a client that is not
+#: librdkafka (the Faust engine's aiokafka) must apply the same way.
+SECURITY_KEYS = frozenset(
+    {
+        "security.protocol",
+        "sasl.mechanism",
+        "sasl.mechanisms",
+        "sasl.username",
+        "sasl.password",
+        "ssl.ca.location",
+        "ssl.certificate.location",
+        "ssl.key.location",
+        "ssl.key.password",
+        "ssl.endpoint.identification.algorithm",
+    }
+)
+
+
+class KafkaSecurity(_Section):
+    """The SASL/TLS part of `CW_KAFKA__CONFIG` (+ `CW_KAFKA__SASL_PASSWORD`), typed and checked,
+    so an engine on another client library applies exactly what librdkafka would."""
+
+    protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    #: librdkafka's default mechanism is GSSAPI; we name it so an engine can refuse it clearly.
+    mechanism: str = "GSSAPI"
+    username: str | None = None
+    password: SecretStr | None = None
+    ca_location: Path | None = None
+    certificate_location: Path | None = None
+    key_location: Path | None = None
+    key_password: SecretStr | None = None
+    #: librdkafka checks the broker's host name against its certificate unless this is "none".
+    verify_hostname: bool = True
+
+    @property
+    def sasl(self) -> bool:
+        return self.protocol.startswith("SASL")
+
+    @property
+    def tls(self) -> bool:
+        return self.protocol.endswith("SSL")
+
+
 class KafkaSettings(_Section):
     bootstrap_servers: str = "localhost:9092"
     group_id: str = "classify-worker"
@@ -48,6 +91,26 @@ class KafkaSettings(_Section):
     #: A transaction older than this is aborted by the broker; batches take milliseconds, so a
     #: long-lived one means a stuck replica whose partitions should be released soon.
     transaction_timeout_ms: int = Field(default=60_000, ge=1000)
+
+    def security(self) -> KafkaSecurity:
+        """The SASL/TLS settings among `config`, typed; `ConfigError` names a value that is wrong."""
+        c = {k: str(v) for k, v in self.config.items() if k in SECURITY_KEYS}
+        fields = {
+            "protocol": c.get("security.protocol", "PLAINTEXT").upper(),
+            "mechanism": c.get("sasl.mechanism", c.get("sasl.mechanisms", "GSSAPI")).upper(),
+            "username": c.get("sasl.username"),
+            "password": self.sasl_password or c.get("sasl.password"),
+            "ca_location": c.get("ssl.ca.location"),
+            "certificate_location": c.get("ssl.certificate.location"),
+            "key_location": c.get("ssl.key.location"),
+            "key_password": c.get("ssl.key.password"),
+            "verify_hostname": c.get("ssl.endpoint.identification.algorithm", "https").lower() != "none",
+        }
+        try:
+            return KafkaSecurity.model_validate(fields)
+        except ValidationError as e:
+            wrong = "; ".join(f"{err['loc'][0]}: {err['msg']}" for err in e.errors())  # never the input: a secret
+            raise ConfigError(f"CW_KAFKA__CONFIG security settings: {wrong}") from e
 
 
 class TopicSettings(_Section):

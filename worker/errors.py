@@ -46,3 +46,10 @@ class WedgedClientError(FatalDeliveryError):
 
 class DataError(WorkerError):
     """A training or evaluation data file cannot be read."""
+
+
+class KafkaAccessError(WorkerError):
+    """The Kafka cluster refuses this worker: authentication, TLS trust, security protocol or a
+    missing ACL (worker/kafka_errors.py names which). Retrying the same request cannot succeed,
+    so the CLI exits 4; nothing of the batch in hand was committed, so a restart once the cause
+    is fixed loses nothing."""

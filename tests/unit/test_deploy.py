@@ -146,6 +146,70 @@ def test_helm_lint_and_template(extra: list[str], kinds: set[str]) -> None:
 
 
 @pytest.mark.skipif(HELM is None, reason="helm is not installed")
+def test_tls_secrets_are_mounted_read_only_and_named_in_the_kafka_config() -> None:
+    # Given SASL_SSL settings, a CA Secret and a client-certificate Secret
+    assert HELM is not None
+    sasl = {"security.protocol": "SASL_SSL", "sasl.mechanism": "SCRAM-SHA-512", "sasl.username": "classify"}
+    args = [
+        *("--set", "kafka.tls.caSecret.name=kafka-ca", "--set", "kafka.tls.caSecret.key=ca.pem"),
+        *("--set", "kafka.tls.clientSecret.name=cw-client", "--set", "kafka.saslPasswordSecret.name=cw-sasl"),
+        *("--set-json", f"kafka.config={json.dumps(sasl)}"),
+    ]
+    # When the chart renders
+    out = subprocess.run([HELM, "template", "cw", str(CHART), *args], check=True, capture_output=True, text=True)
+    docs = {d["kind"]: d for d in yaml.safe_load_all(out.stdout) if d}
+    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    volumes = {v["name"]: v.get("secret") for v in pod["volumes"]}
+    container = pod["containers"][0]
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    config = json.loads(docs["ConfigMap"]["data"]["CW_KAFKA__CONFIG"])
+
+    # Then each Secret is a read-only volume, and the librdkafka settings name the mounted files
+    assert volumes["kafka-ca"] == {
+        "secretName": "kafka-ca",
+        "defaultMode": 0o440,
+        "items": [{"key": "ca.pem", "path": "ca.crt"}],
+    }
+    assert volumes["kafka-client-cert"]["items"] == [
+        {"key": "tls.crt", "path": "tls.crt"},
+        {"key": "tls.key", "path": "tls.key"},
+    ]
+    assert mounts["kafka-ca"]["readOnly"] and mounts["kafka-client-cert"]["readOnly"]
+    assert config["ssl.ca.location"] == mounts["kafka-ca"]["mountPath"] + "/ca.crt"
+    assert config["ssl.certificate.location"] == mounts["kafka-client-cert"]["mountPath"] + "/tls.crt"
+    assert config["ssl.key.location"] == mounts["kafka-client-cert"]["mountPath"] + "/tls.key"
+    assert {k: config[k] for k in sasl} == sasl
+    # And the password comes from its Secret, never from values or the ConfigMap
+    password = next(e for e in container["env"] if e["name"] == "CW_KAFKA__SASL_PASSWORD")
+    assert password["valueFrom"]["secretKeyRef"] == {"name": "cw-sasl", "key": "password"}
+    # And the settings the worker reads from it are valid, with the same files
+    security = Settings(kafka={"config": config}).kafka.security()
+    assert (security.protocol, str(security.ca_location)) == ("SASL_SSL", config["ssl.ca.location"])
+
+
+@pytest.mark.skipif(HELM is None, reason="helm is not installed")
+def test_without_tls_secrets_nothing_is_mounted_and_the_config_is_as_given() -> None:
+    assert HELM is not None
+    out = subprocess.run([HELM, "template", "cw", str(CHART)], check=True, capture_output=True, text=True)
+    docs = {d["kind"]: d for d in yaml.safe_load_all(out.stdout) if d}
+    assert [v["name"] for v in docs["Deployment"]["spec"]["template"]["spec"]["volumes"]] == ["tmp"]
+    assert json.loads(docs["ConfigMap"]["data"]["CW_KAFKA__CONFIG"]) == {}
+
+
+def test_notes_list_the_least_privilege_acls() -> None:
+    notes = (CHART / "templates" / "NOTES.txt").read_text()
+    for row in [
+        "READ + DESCRIBE    topic             {{ .Values.topics.input }}",
+        "READ               group             {{ .Values.kafka.groupId }}",
+        "WRITE + DESCRIBE   topic             prefix {{ .Values.topics.prefix }}",
+        "WRITE + DESCRIBE   topic             {{ .Values.topics.dlq }}",
+        "WRITE + DESCRIBE   transactional-id  prefix {{ .Values.kafka.groupId }}-",
+        "CREATE             topic",
+    ]:
+        assert row in notes, row
+
+
+@pytest.mark.skipif(HELM is None, reason="helm is not installed")
 def test_helm_refuses_hpa_and_keda_together() -> None:
     assert HELM is not None
     both = ["--set", "autoscaling.hpa.enabled=true", "--set", "autoscaling.keda.enabled=true"]

@@ -24,9 +24,19 @@ def test_repeats_differing_only_in_numbers_are_dropped_then_counted() -> None:
     assert f.filter(later) and later.repeated == 639
 
 
+def test_librdkafka_info_lines_are_thinned_too() -> None:
+    f = RepeatFilter(window_s=10.0)
+    line = "FAIL [producer-1] b:9093/bootstrap: Disconnected (after {ms}ms in state APIVERSION_QUERY)"
+    kept = [f.filter(_record(line.format(ms=i), at=1.0 + i / 10, level=logging.INFO)) for i in range(50)]
+    assert kept.count(True) == 1
+
+
 def test_distinct_warnings_info_and_critical_lines_all_pass() -> None:
     f = RepeatFilter(window_s=10.0)
     assert f.filter(_record("client error", 1.0, error="SASL authentication failed"))
     assert f.filter(_record("client error", 1.1, error="Broker: Topic authorization failed"))
-    assert all(f.filter(_record("batch committed", 1.0 + i / 100, level=logging.INFO)) for i in range(50))
+    committed = [_record("batch committed", 1.0 + i / 100, level=logging.INFO) for i in range(50)]
+    for r in committed:
+        r.name = "worker.engines.confluent"
+    assert all(f.filter(r) for r in committed)
     assert all(f.filter(_record("fatal", 2.0 + i / 100, level=logging.CRITICAL)) for i in range(3))

@@ -45,6 +45,7 @@ from confluent_kafka.admin import AdminClient, OffsetSpec  # type: ignore[attr-d
 
 from worker.config import Settings
 from worker.errors import DeliveryError, FatalDeliveryError, InferenceError, WedgedClientError
+from worker.kafka_errors import ClientLog, KafkaAccessError, Resources, Side, check_access, explain, kafka_error_of
 from worker.kafka_util import CALL_TIMEOUT_S, kafka_error, retry_call
 from worker.messages import BATCH_HEADER
 from worker.observability import Hooks
@@ -252,8 +253,10 @@ class Transactional:
         p = self._producer
         try:
             group = self._consumer.consumer_group_metadata()
-            retry_call(lambda: p.send_offsets_to_transaction(offsets, group, CALL_TIMEOUT_S), tick=self._tick)
-            retry_call(lambda: p.commit_transaction(CALL_TIMEOUT_S), tick=self._tick)
+            retry_call(
+                lambda: p.send_offsets_to_transaction(offsets, group, CALL_TIMEOUT_S), CALL_TIMEOUT_S, self._tick
+            )
+            retry_call(lambda: p.commit_transaction(CALL_TIMEOUT_S), CALL_TIMEOUT_S, self._tick)
         except KafkaException as e:
             _raise_delivery(e, "transaction not committed")
         return self._reset()
@@ -274,7 +277,7 @@ class Transactional:
         if not self._abort_pending:
             return
         try:
-            retry_call(lambda: self._producer.abort_transaction(CALL_TIMEOUT_S), tick=self._tick)
+            retry_call(lambda: self._producer.abort_transaction(CALL_TIMEOUT_S), CALL_TIMEOUT_S, self._tick)
         except KafkaException as e:
             _raise_delivery(e, "abort not finished")
         self._abort_pending = False
@@ -435,6 +438,7 @@ class Housekeeping:
 
 class ConfluentEngine:
     def __init__(self, settings: Settings, pipeline: Pipeline, hooks: Hooks) -> None:
+        check_access(settings)  # before any client connects: a refused login is one line, not every client's
         self.settings = settings
         self.pipeline = pipeline
         self.hooks = hooks
@@ -443,6 +447,9 @@ class ConfluentEngine:
         self._fatal: KafkaError | None = None
         #: a Kafka call is stuck in librdkafka (`kafka_util.bounded`): closing the producer could block too
         self._wedged = False
+        #: why the cluster refuses us (credentials, TLS, an ACL): stop, and `run` raises KafkaAccessError
+        self._refusal: str | None = None
+        self._resources = Resources.of(settings, required_topics(settings, pipeline.router))
         self.processed = 0
         #: perf_counter() of the first consumed record and of the last commit: throughput window.
         self.first_record_at: float | None = None
@@ -455,12 +462,20 @@ class ConfluentEngine:
         self._assigned: set[tuple[str, int]] = set()
         self._assigned_at: float | None = None
         self._assigned_lock = threading.Lock()
-        client_logger = logging.getLogger("librdkafka")
+        self._client_log = ClientLog()
         self.consumer = Consumer(
-            {**settings.librdkafka_consumer(), "logger": client_logger, "error_cb": self._on_error}
+            {
+                **settings.librdkafka_consumer(),
+                "logger": self._client_log,
+                "error_cb": lambda err: self._on_error(err, "consumer"),
+            }
         )
         self.producer = Producer(
-            {**settings.librdkafka_producer(), "logger": client_logger, "error_cb": self._on_error}
+            {
+                **settings.librdkafka_producer(),
+                "logger": self._client_log,
+                "error_cb": lambda err: self._on_error(err, "producer"),
+            }
         )
         ids = _UnitIds(settings.kafka.instance_id)
         self.delivery: Delivery = (
@@ -477,12 +492,13 @@ class ConfluentEngine:
         self._stop = True
 
     def _should_stop(self) -> bool:
-        return self._stop or self._fatal is not None
+        return self._stop or self._fatal is not None or self._refusal is not None
 
     def run(self, max_messages: int | None = None, idle_exit_s: float | None = None) -> None:
         """Run until stopped, `max_messages` are committed, or nothing arrives for `idle_exit_s`.
 
-        Raises `FatalDeliveryError` when the producer is fenced or fatally broken."""
+        Raises `FatalDeliveryError` when the producer is fenced or fatally broken, `KafkaAccessError`
+        when the cluster lacks an ACL we need (refused credentials are found in `__init__`)."""
         try:
             if self.settings.topics.auto_create:
                 t = self.settings.topics
@@ -502,6 +518,8 @@ class ConfluentEngine:
             self._settle()
         finally:
             self._close()
+        if self._refusal is not None:
+            raise KafkaAccessError(self._refusal)
         if self._fatal is not None:
             raise FatalDeliveryError(f"fatal Kafka error: {self._fatal.str()}")
 
@@ -534,8 +552,12 @@ class ConfluentEngine:
             self.consumer.close()  # leaves the group, so the partitions move at once
         except (KafkaException, RuntimeError) as e:
             log.warning("consumer close failed", extra={"error": str(e)})
-        if not self._wedged:
+        if self._wedged:
+            return
+        try:
             self.producer.flush(5.0)
+        except KafkaException as e:  # a fatally failed producer (fenced, refused) raises its error again
+            log.warning("producer flush failed", extra={"error": str(e)})
 
     def _room(self, max_messages: int | None) -> int:
         """How many more messages may be polled now: `max_messages` counts what is held too."""
@@ -616,6 +638,8 @@ class ConfluentEngine:
             err = m.error()
             if err is None:
                 records.append(to_record(m))
+            elif self._refused(err, "consumer"):
+                continue
             elif err.fatal():
                 self._fatal = err
             elif err.code() != KafkaError._PARTITION_EOF:
@@ -645,7 +669,7 @@ class ConfluentEngine:
     def _settle(self) -> None:
         """Finish what is in hand: collect the classifier's batch, commit everything. Used on
         stop and when partitions are revoked; a failure aborts and leaves a rewind."""
-        if self._fatal is not None:
+        if self._fatal is not None or self._refusal is not None:
             return
         try:
             if self._inflight is not None:
@@ -660,6 +684,8 @@ class ConfluentEngine:
     def _fail(self, e: InferenceError | DeliveryError) -> None:
         """Abort the whole commit unit and the batch at the classifier; seek back to their
         first offsets so they are processed again."""
+        if self._refused_delivery(e) and isinstance(e, FatalDeliveryError):
+            return  # the producer is fatally refused: nothing to abort; `run` names the cause
         if isinstance(e, FatalDeliveryError):
             log.critical("fatal delivery error", extra={"error": str(e)})
             self._wedged = self._wedged or isinstance(e, WedgedClientError)
@@ -681,6 +707,15 @@ class ConfluentEngine:
         if stage == "delivery":
             self.housekeeping.check_topics_soon()
         self._rewind(held)
+
+    def _refused_delivery(self, e: InferenceError | DeliveryError) -> bool:
+        """Whether the cluster refused this delivery (an ACL): the transaction coordinator names
+        the refused topic only in a log line, which `poll` serves to `ClientLog` first."""
+        err = kafka_error_of(e) if isinstance(e, DeliveryError) else None
+        if err is None:
+            return False
+        self.producer.poll(0)
+        return self._refused(err, "producer")
 
     def _drop_inflight(self) -> list[Record]:
         if self._inflight is None:
@@ -717,8 +752,15 @@ class ConfluentEngine:
             self.hooks.on_loop()
             try:
                 return fn()
+            except DeliveryError as e:  # e.g. a topic we may not create
+                err_in = kafka_error_of(e)
+                if err_in is not None and self._refused(err_in, "admin"):
+                    return None
+                raise
             except KafkaException as e:
                 err = kafka_error(e)
+                if self._refused(err, "producer"):
+                    return None
                 if err.fatal():
                     self._fatal = err
                     return None
@@ -728,7 +770,17 @@ class ConfluentEngine:
                 backoff.wait(self._should_stop)
         return None
 
-    def _on_error(self, err: KafkaError) -> None:
+    def _refused(self, err: KafkaError, side: Side) -> bool:
+        """True when waiting cannot fix `err` (see worker.kafka_errors); the first cause is kept
+        for the one line `run` raises, and the loop stops."""
+        cause = explain(err, self._resources, side, self._client_log.denied_topics)
+        if cause is not None and self._refusal is None:
+            self._refusal = cause
+        return cause is not None
+
+    def _on_error(self, err: KafkaError, side: Side) -> None:
+        if self._refused(err, side):
+            return
         if err.fatal():
             self._fatal = err
             log.critical("fatal client error", extra={"error": err.str()})

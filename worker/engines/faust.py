@@ -11,6 +11,10 @@ Faust's own `processing_guarantee="exactly_once"` is not offered: it needs one t
 producer per input partition and read_committed consumers on a broker that honours aborted
 transactions; use the confluent engine for exactly-once. This is the only module that imports
 faust, so `import worker` never pulls it in.
+
+Kafka security: the SASL/TLS settings of `CW_KAFKA__CONFIG` and `CW_KAFKA__SASL_PASSWORD` are
+mapped onto aiokafka's (`KafkaSecurity`); any other librdkafka setting, which aiokafka has no
+equivalent for, makes the engine refuse to start rather than run without it.
 """
 
 from __future__ import annotations
@@ -20,20 +24,28 @@ import contextlib
 import logging
 import os
 import signal
+import ssl
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import faust
+from aiokafka.errors import BrokerResponseError
+from confluent_kafka import KafkaError
 
-from worker.config import Settings
-from worker.errors import InferenceError
+from worker.config import SECURITY_KEYS, KafkaSecurity, Settings
+from worker.errors import ConfigError, InferenceError
+from worker.kafka_errors import Resources, check_access, check_consumer_access, explain
 from worker.observability import Hooks
 from worker.pipeline import Pipeline
 from worker.records import Record
-from worker.topics import ensure_for
+from worker.topics import ensure_for, required_topics
 
 log = logging.getLogger(__name__)
+
+#: The SASL mechanisms aiokafka implements with a username and password.
+PASSWORD_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 
 #: Backoff between retries of a batch the classifier failed on, as in the confluent engine.
 BACKOFF_START_S = 0.5
@@ -53,7 +65,50 @@ def create_app(settings: Settings) -> faust.App:
         consumer_auto_offset_reset="earliest",
         broker_session_timeout=settings.kafka.session_timeout_ms / 1000,
         store="memory://",
+        **_credentials(settings),
     )
+
+
+def _credentials(settings: Settings) -> dict[str, Any]:
+    """`broker_credentials` for faust.App from our Kafka settings; `ConfigError` for any setting
+    aiokafka cannot apply, so a worker never runs with less security than it was configured with."""
+    kafka = settings.kafka
+    unmapped = sorted(
+        [k for k in kafka.config if k not in SECURITY_KEYS]
+        + [f"consumer_config.{k}" for k in kafka.consumer_config]
+        + [f"producer_config.{k}" for k in kafka.producer_config]
+    )
+    if unmapped:
+        raise ConfigError(f"the faust engine cannot apply these Kafka settings: {', '.join(unmapped)}")
+    sec = kafka.security()
+    context = _tls_context(sec) if sec.tls else None
+    if not sec.sasl:
+        return {"broker_credentials": faust.SSLCredentials(context)} if context else {}
+    if sec.mechanism not in PASSWORD_MECHANISMS:
+        raise ConfigError(f"the faust engine supports SASL {', '.join(PASSWORD_MECHANISMS)}, not {sec.mechanism}")
+    if sec.username is None or sec.password is None:
+        raise ConfigError("SASL needs sasl.username in CW_KAFKA__CONFIG and CW_KAFKA__SASL_PASSWORD")
+    credentials = faust.SASLCredentials(
+        username=sec.username,
+        password=sec.password.get_secret_value(),
+        ssl_context=context,
+        mechanism=sec.mechanism,
+    )
+    return {"broker_credentials": credentials}
+
+
+def _tls_context(sec: KafkaSecurity) -> ssl.SSLContext:
+    """What librdkafka does with the same settings: trust `ssl.ca.location` (else the system
+    store), present a client certificate when one is given, check the broker's host name."""
+    try:
+        context = ssl.create_default_context(cafile=str(sec.ca_location) if sec.ca_location else None)
+        if sec.certificate_location:
+            key_password = sec.key_password.get_secret_value() if sec.key_password else None
+            context.load_cert_chain(sec.certificate_location, sec.key_location, key_password)
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(f"cannot load the TLS files in CW_KAFKA__CONFIG: {e}") from e
+    context.check_hostname = sec.verify_hostname
+    return context
 
 
 class FaustClassifier:
@@ -65,6 +120,7 @@ class FaustClassifier:
         self.pipeline = pipeline
         self.hooks = hooks or Hooks()
         self.processed = 0
+        self._resources = Resources.of(settings, required_topics(settings, pipeline.router))
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="classify")
         self._topics: dict[str, faust.TopicT] = {}
         self._source = self._raw_topic(settings.topics.input)
@@ -104,10 +160,31 @@ class FaustClassifier:
                 await self._topic(o.topic).send(key=o.key, value=o.value, headers=[(k, v or b"") for k, v in o.headers])
                 for o in outcome.outgoing
             ]
-            await asyncio.gather(*sends)  # every output acknowledged before these offsets are acked
+            try:
+                await asyncio.gather(*sends)  # every output acknowledged before these offsets are acked
+            except BrokerResponseError as e:
+                self._exit_if_refused(e)
+                raise
             self.hooks.on_batch(outcome)
             self.hooks.on_committed(outcome.outgoing, int(time.time() * 1000))
             self.processed += len(records)
+
+    def _exit_if_refused(self, e: BrokerResponseError) -> None:
+        """A send the cluster refused (aiokafka's errno is Kafka's error code) ends the process
+        at once, as a crash would, printing the CLI's refusal line and exiting with its code.
+
+        Not a graceful stop: `take_events` acknowledges a batch when the agent leaves it, even by
+        an exception or a cancellation, and Faust would then commit offsets whose outputs were
+        refused. Exiting here leaves the batch unacknowledged, so a restart sends it again."""
+        from worker.cli import EXIT_ACCESS
+
+        named = [a for a in e.args if isinstance(a, str) and a in self._resources.outputs]  # aiokafka's topic
+        cause = explain(KafkaError(e.errno, str(e)), self._resources, "producer", named)
+        if cause is None:
+            return
+        sys.stderr.write(f"classify-worker: Kafka refused the worker: {cause}\n")
+        sys.stderr.flush()
+        os._exit(EXIT_ACCESS)
 
     async def _process_until_it_works(self, records: list[Record]) -> Any:
         delay = BACKOFF_START_S
@@ -145,9 +222,11 @@ def run(
     """`classify-worker run --engine faust`: a Faust worker until SIGTERM, `max_messages` or idle."""
     import mode
 
+    app = create_app(settings)  # first: refuses a setting it cannot apply before connecting
+    check_access(settings)
     if settings.topics.auto_create:
         ensure_for(settings, pipeline.router)
-    app = create_app(settings)
+    check_consumer_access(settings)  # aiokafka would retry a refused group or topic in silence
     classifier = FaustClassifier(app, settings, pipeline, hooks)
     state = {"last": time.monotonic(), "seen": 0}
 

@@ -47,3 +47,20 @@ a claim), else model.path (empty = the model shipped in the worker image). */}}
 {{ .Values.model.path }}
 {{- end }}
 {{- end }}
+
+{{- /* Where the TLS Secrets are mounted; the worker reads them through CW_KAFKA__CONFIG. */ -}}
+{{- define "classify-worker.tlsDir" -}}/etc/classify-worker/kafka-tls{{- end }}
+
+{{- /* kafka.config plus the file locations of the mounted TLS Secrets (these win: they are what is mounted). */ -}}
+{{- define "classify-worker.kafkaConfig" -}}
+{{- $config := deepCopy .Values.kafka.config }}
+{{- $dir := include "classify-worker.tlsDir" . }}
+{{- if .Values.kafka.tls.caSecret.name }}
+{{- $_ := set $config "ssl.ca.location" (printf "%s/ca/ca.crt" $dir) }}
+{{- end }}
+{{- if .Values.kafka.tls.clientSecret.name }}
+{{- $_ := set $config "ssl.certificate.location" (printf "%s/client/tls.crt" $dir) }}
+{{- $_ := set $config "ssl.key.location" (printf "%s/client/tls.key" $dir) }}
+{{- end }}
+{{- toJson $config }}
+{{- end }}
