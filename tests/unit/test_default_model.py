@@ -4,10 +4,12 @@ published figures hold on the CLINC150 test split (when ../shared/data is presen
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from tests.conftest import CLINC
+from tests.support.batches import MAX_ABS_DIFF, mixed_lengths, worst_batch_difference
 from worker.config import load_settings
 from worker.model import Classifier, default_bundle_path, load_bundle
 from worker.pipeline import build_pipeline
@@ -15,6 +17,8 @@ from worker.records import Record
 from worker.routing import Router
 from worker.train import evaluate
 from worker.train.data import load
+
+OWN_OUT_OF_SCOPE = Path(evaluate.__file__).parent / "out_of_scope.jsonl"
 
 #: The project's own sentences (not from any data set), two per domain, and where they belong.
 FIXED = [
@@ -63,6 +67,18 @@ def test_default_bundle_routes_the_projects_own_queries() -> None:
         if want != have
     ]
     assert wrong == [], wrong
+
+
+@pytest.mark.slow
+def test_default_bundle_scores_a_text_the_same_in_any_batch() -> None:
+    # Given 500 texts of mixed length (the project's own queries, long documents among them)
+    own = [json.loads(line)["text"] for line in OWN_OUT_OF_SCOPE.read_text().splitlines()]
+    texts = mixed_lengths([q for q, _ in FIXED] + own, 500)
+    assert max(len(t.split()) for t in texts) > 300, "some texts must be chunked"
+    # When each is scored alone and inside shuffled batches of 2..256
+    worst = worst_batch_difference(Classifier(load_bundle(default_bundle_path())), texts)
+    # Then its probabilities (hence its route) are the same
+    assert worst <= MAX_ABS_DIFF, worst
 
 
 clinc = pytest.mark.skipif(not (CLINC / "data_full.json").exists(), reason=f"CLINC150 not found at {CLINC}")
