@@ -313,10 +313,10 @@ def _print_metrics(result: dict[str, Any], title: str) -> None:
     summary = Table(title=title)
     summary.add_column("metric")
     summary.add_column("value", justify="right")
+    summary.add_column("95% interval", justify="right")
     summary.add_row(
         "examples (in scope / out of scope)", f"{result['examples']} ({result['in_scope']} / {result['out_of_scope']})"
     )
-    summary.add_column("95% interval", justify="right")
     for key, label in HEADLINE:
         lo_hi = result["intervals_95"].get(key)
         summary.add_row(label, pct(result[key]), f"{pct(lo_hi[0])} to {pct(lo_hi[1])}" if lo_hi else "")

@@ -203,8 +203,8 @@ def _training(fit_cfg: dict[str, Any]) -> str:
             return "(hyperparameters not recorded)"
         return (
             f"epochs {f['epochs']}, batch {f['batch_size']}, lr {f['lr']}, label smoothing {f['label_smoothing']}, "
-            f"out-of-scope loss weight {f['fallback_loss_weight']}, seed {f['seed']}; "
-            f"{f.get('seconds', '?')} s of fitting"
+            f"out-of-scope loss weight {f['fallback_loss_weight']}, seed {f['seed']}"
+            + (f"; {f['seconds']} s of fitting" if "seconds" in f else "")
         )
 
     if "average_of" not in fit_cfg:
