@@ -96,14 +96,30 @@ def test_metrics() -> dict:
 @pytest.mark.slow
 def test_published_figures_reproduce_on_the_clinc150_test_split(test_metrics: dict) -> None:
     published = json.loads((default_bundle_path() / "metrics.json").read_text())["test"]
-    for key in ("in_scope_accuracy", "out_of_scope_recall", "routing_accuracy"):
-        assert test_metrics[key] == pytest.approx(published[key], abs=0.002), key
+    for key in ("in_scope_accuracy", "in_scope_accuracy_argmax", "out_of_scope_recall", "routing_accuracy"):
+        assert test_metrics[key] == pytest.approx(published[key], abs=1e-9), key
     assert test_metrics["examples"] == 5500
+
+
+def test_readme_prints_the_bundles_test_figures() -> None:
+    published = json.loads((default_bundle_path() / "metrics.json").read_text())["test"]
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    section = readme[readme.index("### The default model") : readme.index("### Train your own")]
+    for key in ("in_scope_accuracy", "in_scope_accuracy_argmax", "out_of_scope_recall", "routing_accuracy"):
+        lo, hi = published["intervals_95"][key]
+        figure = f"{published[key]:.1%} [{lo:.1%}, {hi:.1%}]"
+        assert figure in section, f"README lacks {key} {figure}"
 
 
 @clinc
 @pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 16: the model validation chose (C') scores 94.7% deployed in-scope [94.0, 95.4] and "
+    "94.4% routing [93.8, 95.0] on test, under the 95.0% targets (docs/model-card.md)",
+)
 def test_issue_targets_on_the_clinc150_test_split(test_metrics: dict) -> None:
-    assert test_metrics["in_scope_accuracy"] >= 0.960
-    assert test_metrics["out_of_scope_recall"] >= 0.75
-    assert test_metrics["routing_accuracy"] >= 0.95
+    """Issue 16's targets, deployed definitions, model chosen on validation alone."""
+    assert test_metrics["in_scope_accuracy"] >= 0.950
+    assert test_metrics["out_of_scope_recall"] >= 0.85
+    assert test_metrics["routing_accuracy"] >= 0.950
