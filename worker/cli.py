@@ -207,7 +207,7 @@ def train(
     ] = None,
     add_train: Annotated[
         list[Path] | None,
-        typer.Option(help="CSV/JSONL examples added to the training split only, e.g. your own out-of-scope queries."),
+        typer.Option(help="CSV/JSONL (text, label) added to training only, e.g. your own out-of-scope queries."),
     ] = None,
     threshold: Annotated[
         float | None,
@@ -219,6 +219,15 @@ def train(
             help="Train on the validation split too (refit of a chosen recipe; needs --threshold and a test split)."
         ),
     ] = False,
+    test: Annotated[
+        Path | None,
+        typer.Option(help="Test set file; without it a CSV/JSONL --data gives 10% of each label to a test split."),
+    ] = None,
+    text_column: Annotated[str, typer.Option(help="CSV column / JSONL key of the text (--data, --test).")] = "text",
+    label_column: Annotated[str, typer.Option(help="CSV column / JSONL key holding the label.")] = "label",
+    selection: Annotated[
+        str | None, typer.Option(help="How this recipe was chosen, in words, for the model card.")
+    ] = None,
 ) -> None:
     """Fine-tune, export to ONNX, quantize to int8, check parity, evaluate: a complete bundle. Needs the train extra."""
     with _errors():
@@ -227,6 +236,7 @@ def train(
         configure_logging("WARNING")  # onnxruntime's quantizer logs every tensor at INFO on the root logger
         try:
             from worker.train.build import train_bundle
+            from worker.train.data import Columns
             from worker.train.finetune import FitConfig
         except ImportError as e:
             _fail(EXIT_CONFIG, f"training needs the [train] extra: pip install 'classify-worker[train]' ({e})")
@@ -252,8 +262,11 @@ def train(
             add_train=add_train,
             threshold=threshold,
             train_on_val=train_on_val,
+            test_file=test,
+            cols=Columns(text_column, label_column),
+            selection=selection,
         )
-        _print_metrics(result["test"], title=f"{result['model']} on held-out data")
+        _print_metrics(result["test"], title=f"{result['model']} on the test split (never tuned on)")
 
 
 @app.command("eval")
@@ -264,20 +277,25 @@ def evaluate_cmd(
     ] = None,
     split: Annotated[str, typer.Option(help="train, val or test (CLINC layout); plain files use all rows.")] = "test",
     as_json: Annotated[bool, typer.Option("--json", help="Print metrics as JSON.")] = False,
+    text_column: Annotated[str, typer.Option(help="CSV column / JSONL key of the text (--data, --test).")] = "text",
+    label_column: Annotated[str, typer.Option(help="CSV column / JSONL key holding the label.")] = "label",
     config: ConfigOpt = None,
 ) -> None:
-    """In-scope accuracy, out-of-scope recall, routing accuracy, macro-F1, per-route P/R, items/s."""
+    """In-scope accuracy (as deployed and argmax), out-of-scope recall, routing accuracy, macro-F1,
+    each with a 95% bootstrap interval; per-route P/R; items/s."""
     with _errors():
         settings = _settings(config)
         from worker.model import Classifier, load_bundle
         from worker.routing import Router
         from worker.train import evaluate
-        from worker.train.data import load
+        from worker.train.data import Columns, load, read_examples
 
-        splits = load(data)
-        examples = {"train": splits.train, "val": splits.val, "test": splits.test}.get(split) or (
-            splits.train + splits.val
-        )
+        cols = Columns(text_column, label_column)
+        if data.suffix.lower() == ".json":
+            splits = load(data, cols=cols)
+            examples = {"train": splits.train, "val": splits.val, "test": splits.test}[split]
+        else:
+            examples = read_examples(data, cols)
         bundle = load_bundle(model or settings.model.path)
         router = Router(bundle.routes, bundle.labels, settings)
         result = evaluate.metrics(evaluate.score(Classifier(bundle), router, examples), router.threshold)
@@ -389,19 +407,21 @@ def _print_metrics(result: dict[str, Any], title: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from worker.train.evaluate import HEADLINE
+
     def pct(x: float | None) -> str:
         return "n/a" if x is None else f"{x:.2%}"
 
     summary = Table(title=title)
     summary.add_column("metric")
     summary.add_column("value", justify="right")
+    summary.add_column("95% interval", justify="right")
     summary.add_row(
         "examples (in scope / out of scope)", f"{result['examples']} ({result['in_scope']} / {result['out_of_scope']})"
     )
-    summary.add_row("in-scope accuracy", pct(result["in_scope_accuracy"]))
-    summary.add_row("out-of-scope recall", pct(result["out_of_scope_recall"]))
-    summary.add_row("routing accuracy", pct(result["routing_accuracy"]))
-    summary.add_row("macro-F1", f"{result['macro_f1']:.4f}")
+    for key, label in HEADLINE:
+        lo_hi = result["intervals_95"].get(key)
+        summary.add_row(label, pct(result[key]), f"{pct(lo_hi[0])} to {pct(lo_hi[1])}" if lo_hi else "")
     summary.add_row("threshold", f"{result['threshold']}")
     summary.add_row("items/s", f"{result['items_per_s']:.0f}")
     routes = Table(title="per route")

@@ -4,10 +4,12 @@ published figures hold on the CLINC150 test split (when ../shared/data is presen
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from tests.conftest import CLINC
+from tests.support.batches import MAX_ABS_DIFF, mixed_lengths, worst_batch_difference
 from worker.config import load_settings
 from worker.model import Classifier, default_bundle_path, load_bundle
 from worker.pipeline import build_pipeline
@@ -15,6 +17,8 @@ from worker.records import Record
 from worker.routing import Router
 from worker.train import evaluate
 from worker.train.data import load
+
+OWN_OUT_OF_SCOPE = Path(evaluate.__file__).parent / "out_of_scope.jsonl"
 
 #: The project's own sentences (not from any data set), two per domain, and where they belong.
 FIXED = [
@@ -65,6 +69,18 @@ def test_default_bundle_routes_the_projects_own_queries() -> None:
     assert wrong == [], wrong
 
 
+@pytest.mark.slow
+def test_default_bundle_scores_a_text_the_same_in_any_batch() -> None:
+    # Given 500 texts of mixed length (the project's own queries, long documents among them)
+    own = [json.loads(line)["text"] for line in OWN_OUT_OF_SCOPE.read_text().splitlines()]
+    texts = mixed_lengths([q for q, _ in FIXED] + own, 500)
+    assert max(len(t.split()) for t in texts) > 300, "some texts must be chunked"
+    # When each is scored alone and inside shuffled batches of 2..256
+    worst = worst_batch_difference(Classifier(load_bundle(default_bundle_path())), texts)
+    # Then its probabilities (hence its route) are the same
+    assert worst <= MAX_ABS_DIFF, worst
+
+
 clinc = pytest.mark.skipif(not (CLINC / "data_full.json").exists(), reason=f"CLINC150 not found at {CLINC}")
 
 
@@ -80,14 +96,30 @@ def test_metrics() -> dict:
 @pytest.mark.slow
 def test_published_figures_reproduce_on_the_clinc150_test_split(test_metrics: dict) -> None:
     published = json.loads((default_bundle_path() / "metrics.json").read_text())["test"]
-    for key in ("in_scope_accuracy", "out_of_scope_recall", "routing_accuracy"):
-        assert test_metrics[key] == pytest.approx(published[key], abs=0.002), key
+    for key in ("in_scope_accuracy", "in_scope_accuracy_argmax", "out_of_scope_recall", "routing_accuracy"):
+        assert test_metrics[key] == pytest.approx(published[key], abs=1e-9), key
     assert test_metrics["examples"] == 5500
+
+
+def test_readme_prints_the_bundles_test_figures() -> None:
+    published = json.loads((default_bundle_path() / "metrics.json").read_text())["test"]
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    section = readme[readme.index("### The default model") : readme.index("### Train your own")]
+    for key in ("in_scope_accuracy", "in_scope_accuracy_argmax", "out_of_scope_recall", "routing_accuracy"):
+        lo, hi = published["intervals_95"][key]
+        figure = f"{published[key]:.1%} [{lo:.1%}, {hi:.1%}]"
+        assert figure in section, f"README lacks {key} {figure}"
 
 
 @clinc
 @pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 16: the model validation chose (C') scores 94.7% deployed in-scope [94.0, 95.4] and "
+    "94.4% routing [93.8, 95.0] on test, under the 95.0% targets (docs/model-card.md)",
+)
 def test_issue_targets_on_the_clinc150_test_split(test_metrics: dict) -> None:
-    assert test_metrics["in_scope_accuracy"] >= 0.960
-    assert test_metrics["out_of_scope_recall"] >= 0.75
-    assert test_metrics["routing_accuracy"] >= 0.95
+    """Issue 16's targets, deployed definitions, model chosen on validation alone."""
+    assert test_metrics["in_scope_accuracy"] >= 0.950
+    assert test_metrics["out_of_scope_recall"] >= 0.85
+    assert test_metrics["routing_accuracy"] >= 0.950

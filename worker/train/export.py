@@ -1,18 +1,29 @@
 """Export a fine-tuned PyTorch classifier to ONNX (opset 18, dynamic batch and sequence axes),
-fuse it with onnxruntime's transformer optimizer, quantize it to int8 with onnxruntime's dynamic
-quantization, and check both against PyTorch.
+fuse it with onnxruntime's transformer optimizer, quantize it to int8 with ranges calibrated on
+training texts (static quantization), and check both against PyTorch.
+
+Static, not dynamic, quantization: dynamic int8 measures each activation's range on every call,
+over every text in the batch, so a text's probabilities (and near the threshold its route)
+depended on which other messages shared its batch. With fixed ranges a text's scores are the
+same alone or in any batch, and the per-call range pass disappears (bench/NOTES.md).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import torch
-from onnxruntime.quantization import QuantType, quantize_dynamic
+from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 from onnxruntime.transformers import optimizer
+from onnxruntime.transformers.fusion_options import FusionOptions
 from tokenizers import Tokenizer
 from transformers import PreTrainedModel
 
@@ -24,6 +35,16 @@ INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 #: fp32 ONNX must match PyTorch to float noise; int8 may move probabilities but rarely the argmax.
 FP32_MAX_ABS_DIFF = 1e-3
 INT8_MIN_AGREEMENT = 0.97
+#: Share of validation texts whose argmax the int8 model must keep from fp32 (issue 16); below
+#: it, `quantize` leaves the matrix products that lose most decisions in fp32.
+MIN_INT8_AGREEMENT = 0.995
+#: Validation texts each layer's sensitivity is measured on: enough to rank 48 layers, few
+#: enough that ranking them takes minutes, not an hour.
+SENSITIVITY_TEXTS = 300
+#: Calibration batch: texts of similar length, as the classifier's sub-batches have.
+CALIBRATION_BATCH = 32
+
+log = logging.getLogger(__name__)
 
 
 class _LogitsOnly(torch.nn.Module):
@@ -68,25 +89,136 @@ def export(model: PreTrainedModel, tok: Tokenizer, fp32_path: Path) -> None:
 
 def fuse(fp32_path: Path, fused_path: Path, model: PreTrainedModel) -> Path:
     """Skip+LayerNorm and Bias+GELU fusions: the same arithmetic in fewer kernels, which with
-    short queries is where the time goes (measured in bench/NOTES.md). Only BERT-family encoders
-    are known to the optimizer; for other architectures the export is returned as it is (its
-    weights may sit in an external data file next to it, so it is not copied)."""
+    short queries is where the time goes (measured in bench/NOTES.md). Attention stays unfused:
+    static quantization has no int8 kernel for the fused Attention operator, while the separate
+    Q/K/V products quantize. Only BERT-family encoders are known to the optimizer; for other
+    architectures the export is returned as it is (its weights may sit in an external data file
+    next to it, so it is not copied)."""
     cfg = model.config
     if cfg.model_type not in ("bert", "roberta", "xlm-roberta", "distilbert", "electra"):
         return fp32_path
+    options = FusionOptions("bert")
+    options.enable_attention = False
     fused = optimizer.optimize_model(
         str(fp32_path),
         model_type="bert",
         num_heads=cfg.num_attention_heads,
         hidden_size=cfg.hidden_size,
         opt_level=0,
+        optimization_options=options,
     )
     fused.save_model_to_file(str(fused_path))
     return fused_path
 
 
-def quantize(fp32_path: Path, int8_path: Path) -> None:
-    quantize_dynamic(str(fp32_path), str(int8_path), weight_type=QuantType.QInt8)
+@dataclass(frozen=True)
+class Quantization:
+    """How the int8 model was made and how often it keeps fp32's decision on validation."""
+
+    method: str
+    calibration_texts: int
+    checked: int
+    int8_argmax_agreement: float
+    min_agreement: float
+    #: MatMul nodes left in fp32 because quantizing them lost decisions (empty when none did).
+    kept_fp32: list[str] = field(default_factory=list)
+
+
+class _Batches(CalibrationDataReader):  # type: ignore[misc]  # onnxruntime ships no type hints
+    """Training texts in length-sorted batches, fed to the fp32 model to record activation ranges."""
+
+    def __init__(self, tok: Tokenizer, texts: Sequence[str]) -> None:
+        ordered = sorted(texts, key=len)
+        self._batches = iter(
+            [
+                {k: v.numpy() for k, v in encode_batch(tok, ordered[i : i + CALIBRATION_BATCH]).items()}
+                for i in range(0, len(ordered), CALIBRATION_BATCH)
+            ]
+        )
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._batches, None)
+
+
+def quantize(
+    fp32_path: Path,
+    int8_path: Path,
+    tok: Tokenizer,
+    calibration: Sequence[str],
+    check: Sequence[str],
+    min_agreement: float = MIN_INT8_AGREEMENT,
+) -> Quantization:
+    """Static int8 (QDQ; per-tensor; MinMax ranges of the matrix products' inputs, recorded on
+    `calibration`, which must be training texts; the embedding tables as int8 weights). If the
+    int8 model keeps fp32's argmax on fewer than `min_agreement` of `check` (validation texts),
+    the fewest most sensitive MatMuls that restore it are left in fp32
+    (`_least_harmful_fp32_set`)."""
+    reference = _onnx_proba(fp32_path, tok, list(check))
+    graph = onnx.load(str(fp32_path), load_external_data=False).graph
+    nodes = [n.name for n in graph.node if n.op_type == "MatMul"]
+    gathers = [n.name for n in graph.node if n.op_type == "Gather"]
+    with tempfile.TemporaryDirectory() as tmp:
+        ranges = Path(tmp) / "ranges.json"
+
+        def build(quantized: list[str], texts: Sequence[str] = check) -> np.ndarray:
+            if not quantized:  # onnxruntime reads an empty list as "all nodes"
+                shutil.copy(fp32_path, int8_path)
+                return _onnx_proba(int8_path, tok, list(texts))
+            quantize_static(
+                str(fp32_path),
+                str(int8_path),
+                _Batches(tok, calibration),
+                quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=["MatMul", "Gather"],  # Gather: the embedding tables, 3/5 of the bytes
+                nodes_to_quantize=quantized + gathers,
+                per_channel=False,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=CalibrationMethod.MinMax,
+                calibration_cache_path=ranges,
+            )
+            return _onnx_proba(int8_path, tok, list(texts))
+
+        def agreement(kept_fp32: list[str]) -> float:
+            quantized = [n for n in nodes if n not in kept_fp32]
+            return float((build(quantized).argmax(1) == reference.argmax(1)).mean())
+
+        kept: list[str] = []
+        if agreement([]) < min_agreement:
+            kept = _least_harmful_fp32_set(nodes, build, reference, list(check), agreement, min_agreement)
+        final = agreement(kept)
+    return Quantization(
+        method="static int8, QDQ: MatMul inputs per-tensor with MinMax ranges, embedding tables",
+        calibration_texts=len(calibration),
+        checked=len(check),
+        int8_argmax_agreement=final,
+        min_agreement=min_agreement,
+        kept_fp32=kept,
+    )
+
+
+def _least_harmful_fp32_set(
+    nodes: list[str],
+    build: Callable[[list[str], Sequence[str]], np.ndarray],
+    reference: np.ndarray,
+    check: list[str],
+    agreement: Callable[[list[str]], float],
+    min_agreement: float,
+) -> list[str]:
+    """The fewest MatMuls to leave in fp32: rank them by how far quantizing each one alone moves
+    the probabilities of a sample of `check` (per-layer sensitivity), then find by bisection the
+    shortest head of that ranking whose fp32 keeps `min_agreement` (agreement grows, if not
+    strictly, as more of the most sensitive layers stay fp32; all of them is fp32 itself)."""
+    probe = check[:SENSITIVITY_TEXTS]
+    moved = {n: float(np.abs(build([n], probe) - reference[: len(probe)]).sum()) for n in nodes}
+    ranked = sorted(nodes, key=lambda n: -moved[n])
+    lo, hi = 0, len(ranked)  # agreement(ranked[:hi]) is enough; (ranked[:lo]) is not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        ok = agreement(ranked[:mid]) >= min_agreement
+        log.info("%d most sensitive MatMuls in fp32: %s", mid, "enough" if ok else "not enough")
+        lo, hi = (lo, mid) if ok else (mid, hi)
+    return ranked[:hi]
 
 
 def _onnx_proba(path: Path, tok: Tokenizer, texts: list[str]) -> np.ndarray:

@@ -6,6 +6,7 @@ fixed length would spend most of the compute on pad tokens.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -130,17 +131,21 @@ def fit(
     model.train()
     step = 0
     columns = (
-        TextColumn("[bold]train"),
+        TextColumn("[bold]{task.description}"),
         BarColumn(),
         TextColumn("{task.completed}/{task.total} steps"),
         TextColumn("loss {task.fields[loss]:.3f}"),
         TimeElapsedColumn(),
+        TextColumn("left"),
         TimeRemainingColumn(),
     )
+    epochs = math.ceil(total / steps_per_epoch)
     with Progress(*columns) as progress:
-        task = progress.add_task("train", total=total, loss=float("nan"))
-        while step < total:
-            for idx in _batches(train, lengths, cfg.batch_size, rng):
+        for epoch in range(1, epochs + 1):
+            # one bar per epoch (the last may be partial): a user sees the loss fall epoch by epoch
+            steps = min(steps_per_epoch, total - step)
+            task = progress.add_task(f"epoch {epoch}/{epochs}", total=steps, loss=float("nan"))
+            for idx in itertools.islice(_batches(train, lengths, cfg.batch_size, rng), steps):
                 batch = {k: v.to(dev) for k, v in encode_batch(tok, [train[i].text for i in idx]).items()}
                 target = torch.tensor([label_ids[train[i].label] for i in idx], device=dev)
                 loss = loss_fn(model(**batch).logits, target)
@@ -151,8 +156,6 @@ def fit(
                 opt.zero_grad(set_to_none=True)
                 step += 1
                 progress.update(task, advance=1, loss=loss.item())
-                if step >= total:
-                    break
     return model.eval().cpu(), tok
 
 
