@@ -11,6 +11,9 @@ import typer
 
 from worker.cli import ConfigOpt, _errors, _settings, log
 
+#: AWS EC2 on-demand, us-east-1, Linux: c7i.large (2 vCPU) at $0.08925/h → per vCPU-hour.
+DEFAULT_VCPU_HOUR_USD = 0.08925 / 2
+
 app = typer.Typer(
     help="classify-worker's development kit: demo, benchmarks, sample traffic.",
     no_args_is_help=True,
@@ -49,7 +52,9 @@ def bench(
         Path | None, typer.Option(help="PyTorch checkpoint of the same model, for the transformers baseline.")
     ] = Path("bench/baseline-model"),
     latency_seconds: Annotated[float, typer.Option(help="Duration of the 50%-load latency run.")] = 30.0,
-    vcpu_hour_usd: Annotated[float, typer.Option(help="On-demand price of one vCPU-hour.")] = 0.08925 / 2,
+    vcpu_hour_usd: Annotated[
+        float, typer.Option(help="On-demand price of one vCPU-hour (default: AWS c7i.large, us-east-1, Linux).")
+    ] = DEFAULT_VCPU_HOUR_USD,
 ) -> None:
     """Model-only vs worker end to end vs transformers pipeline, latency under load, cost."""
     with _errors():

@@ -10,13 +10,12 @@ Figures are ratios within one run on one machine; absolute numbers move with the
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import platform
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -27,13 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from confluent_kafka import Producer
 from prometheus_client import CollectorRegistry
 from rich.console import Console
 from rich.table import Table
 
 from devkit.ports import free_port
-from devkit.toolkit import READER_FETCH_WAIT_MS, paced, read_outputs
+from devkit.toolkit import READER_FETCH_WAIT_MS, Outbound, produce, read_outputs, running_worker
 from devkit.traffic import QUERIES
 from worker.config import Settings, load_settings
 from worker.engines.confluent import ConfluentEngine
@@ -42,8 +40,6 @@ from worker.model.classifier import usable_cores
 from worker.observability import PrometheusHooks
 from worker.pipeline import build_pipeline
 
-#: AWS EC2 on-demand, us-east-1, Linux: c7i.large (2 vCPU) at $0.08925/h → per vCPU-hour.
-DEFAULT_VCPU_HOUR_USD = 0.08925 / 2
 BATCH_SIZES = (1, 4, 16, 64, 256)
 LOAD_FRACTIONS = (0.1, 0.25, 0.5, 0.75, 0.9)
 MODES = ("exactly_once", "at_least_once")
@@ -188,19 +184,16 @@ def _topics_env(broker: BenchBroker, tag: str, delivery: str) -> dict[str, Any]:
     }
 
 
+def _queries(texts: list[str], prefix: str) -> Iterator[Outbound]:
+    """The texts as inbound messages (key = id), cycled for as long as the producer asks."""
+    for i in itertools.count():
+        ident = f"{prefix}{i}"
+        yield ident.encode(), json.dumps({"id": ident, "text": texts[i % len(texts)]}).encode(), []
+
+
 def _produce(bootstrap: str, topic: str, texts: list[str]) -> int:
     """The backlog: every text, as fast as the producer goes."""
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
-    for i, text in enumerate(texts):
-        while True:
-            try:
-                producer.produce(topic, value=json.dumps({"id": f"b{i}", "text": text}).encode(), key=f"b{i}".encode())
-                break
-            except BufferError:  # local queue full
-                producer.poll(0.05)
-        producer.poll(0)
-    producer.flush(60)
-    return len(texts)
+    return produce(bootstrap, topic, itertools.islice(_queries(texts, "b"), len(texts))).count
 
 
 def worker_end_to_end(broker: BenchBroker, texts: list[str], bundle: Path, delivery: str) -> dict[str, Any]:
@@ -234,7 +227,7 @@ def faust_end_to_end(broker: BenchBroker, texts: list[str], bundle: Path, workdi
     tag, env, settings, outputs = _fresh_deployment(broker, bundle, "at_least_once")
     n = _produce(broker.bootstrap, settings.topics.input, texts)
     log = workdir / f"faust-{tag}.log"
-    with _worker_process(env, log, "--engine", "faust"):
+    with running_worker(env, log, "--engine", "faust"):
         _wait_assigned(log)
         started = time.time()
         seen = read_outputs(broker.bootstrap, outputs, expect=n, timeout_s=300, quiet_s=0.5)
@@ -270,25 +263,6 @@ def _worker_env(conf: dict[str, Any], bundle: Path) -> dict[str, str]:
         "CW_METRICS__PORT": str(free_port()),
         **{f"CW_TOPICS__{k.upper()}": v for k, v in conf["topics"].items()},
     }
-
-
-@contextlib.contextmanager
-def _worker_process(settings_env: dict[str, str], log: Path, *args: str) -> Iterator[subprocess.Popen[bytes]]:
-    with log.open("ab") as out:
-        proc = subprocess.Popen(  # noqa: S603 - our own CLI
-            [sys.executable, "-m", "worker.cli", "run", *args],
-            env={**os.environ, **settings_env},
-            stdout=out,
-            stderr=out,
-        )
-    try:
-        yield proc
-    finally:
-        proc.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(15)
-        if proc.poll() is None:
-            proc.kill()
 
 
 def latency_under_load(
@@ -338,7 +312,7 @@ def _latency_at(
     tag, env, settings, outputs = _fresh_deployment(broker, bundle, delivery)
     log = workdir / f"latency-{tag}.log"
     sent_at: dict[bytes, float] = {}
-    with _worker_process(env, log) as proc:
+    with running_worker(env, log) as proc:
         _wait_assigned(log)
         cpu_before, started = _cpu_snapshot(proc.pid, broker.pid), time.monotonic()
         producer = threading.Thread(
@@ -384,19 +358,9 @@ def _wait_assigned(log: Path, timeout_s: float = 90) -> None:
 
 
 def _timed_produce(bootstrap: str, topic: str, texts: list[str], rate: float, duration: float) -> dict[bytes, float]:
-    """librdkafka's default linger (5 ms), as a producer fleet would run; each message carries
-    its send time as its timestamp, in milliseconds like every Kafka timestamp."""
-    producer = Producer({"bootstrap.servers": bootstrap})
-    sent: dict[bytes, float] = {}
-    for i in paced(rate, duration_s=duration):
-        key = f"l{i}".encode()
-        now = time.time()
-        value = json.dumps({"id": key.decode(), "text": texts[i % len(texts)]}).encode()
-        producer.produce(topic, key=key, value=value, timestamp=int(now * 1000))
-        sent[key] = now
-        producer.poll(0)
-    producer.flush(30)
-    return sent
+    """A fixed rate for `duration` seconds; key → send time (the message's own timestamp is its
+    produce time too, in milliseconds like every Kafka timestamp)."""
+    return produce(bootstrap, topic, _queries(texts, "l"), rate_per_s=rate, duration_s=duration).at
 
 
 def transformers_baseline(model_dir: Path, texts: list[str]) -> dict[str, Any]:

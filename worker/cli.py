@@ -45,6 +45,12 @@ ConfigOpt = Annotated[
 ]
 
 
+class Split(StrEnum):
+    train = "train"
+    val = "val"
+    test = "test"
+
+
 class Engine(StrEnum):
     confluent = "confluent"
     faust = "faust"
@@ -275,7 +281,9 @@ def evaluate_cmd(
     model: Annotated[
         Path | None, typer.Option(help="Bundle directory (default: CW_MODEL__PATH or the bundled model).")
     ] = None,
-    split: Annotated[str, typer.Option(help="train, val or test (CLINC layout); plain files use all rows.")] = "test",
+    split: Annotated[
+        Split, typer.Option(help="Which split of a CLINC150 json; plain files use all rows.")
+    ] = Split.test,
     as_json: Annotated[bool, typer.Option("--json", help="Print metrics as JSON.")] = False,
     text_column: Annotated[str, typer.Option(help="CSV column / JSONL key of the text (--data, --test).")] = "text",
     label_column: Annotated[str, typer.Option(help="CSV column / JSONL key holding the label.")] = "label",
@@ -293,7 +301,7 @@ def evaluate_cmd(
         cols = Columns(text_column, label_column)
         if data.suffix.lower() == ".json":
             splits = load(data, cols=cols)
-            examples = {"train": splits.train, "val": splits.val, "test": splits.test}[split]
+            examples = {Split.train: splits.train, Split.val: splits.val, Split.test: splits.test}[split]
         else:
             examples = read_examples(data, cols)
         bundle = load_bundle(model or settings.model.path)
@@ -303,7 +311,7 @@ def evaluate_cmd(
         if as_json:
             typer.echo(json.dumps(result, indent=2))
         else:
-            _print_metrics(result, title=f"{bundle.model_id} on {data.name} ({split})")
+            _print_metrics(result, title=f"{bundle.model_id} on {data.name} ({split.value})")
 
 
 @app.command()

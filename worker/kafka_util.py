@@ -20,6 +20,10 @@ log = logging.getLogger(__name__)
 
 #: Per-call timeout for metadata, offset and transactional calls: far above a healthy round trip.
 CALL_TIMEOUT_S = 30.0
+#: Both engines' waits for a broker that is down or a classifier that fails: a quick first
+#: retry, then no more than one attempt every 30 s.
+BACKOFF_START_S = 0.5
+BACKOFF_MAX_S = 30.0
 #: Beyond a call's own timeout, how long it may block before the client is declared wedged.
 WEDGED_GRACE_S = 10.0
 #: Between retries of a call librdkafka marks retriable: short, it usually succeeds on the next try.

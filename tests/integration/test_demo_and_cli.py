@@ -31,6 +31,11 @@ def test_invalid_settings_exit_2_with_one_line() -> None:
     assert len(lines) == 1 and "CW_BATCH__MAX_ITEMS" in lines[0], result.stderr
 
 
+def test_eval_rejects_an_unknown_split() -> None:
+    result = run_cli({}, "eval", "--data", "whatever.json", "--split", "training", timeout_s=60)
+    assert result.returncode == 2 and "'training' is not one of" in result.stderr, result.stderr
+
+
 def test_missing_model_exits_3_naming_the_path(tmp_path: Path) -> None:
     result = run_cli({"CW_MODEL__PATH": str(tmp_path / "nope")}, "classify", "hello", timeout_s=60)
     assert result.returncode == 3

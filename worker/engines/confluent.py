@@ -46,7 +46,7 @@ from confluent_kafka.admin import AdminClient, OffsetSpec  # type: ignore[attr-d
 from worker.config import Settings
 from worker.errors import DeliveryError, FatalDeliveryError, InferenceError, WedgedClientError
 from worker.kafka_errors import ClientLog, KafkaAccessError, Resources, Side, check_access, explain, kafka_error_of
-from worker.kafka_util import CALL_TIMEOUT_S, kafka_error, retry_call
+from worker.kafka_util import BACKOFF_MAX_S, BACKOFF_START_S, CALL_TIMEOUT_S, kafka_error, retry_call
 from worker.messages import BATCH_HEADER
 from worker.observability import Hooks
 from worker.pipeline import Outcome, Pipeline
@@ -57,10 +57,6 @@ from worker.topics import ADMIN_TIMEOUT_S, admin_client, ensure_topics, missing_
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-#: Bounds for waiting on a broker that is down or a classifier that fails: quick first retry,
-#: then no more than one attempt every 30 s.
-BACKOFF_START_S = 0.5
-BACKOFF_MAX_S = 30.0
 #: How often the output topics are checked for existence (a deleted one is recreated).
 TOPIC_CHECK_INTERVAL_S = 10.0
 #: How often lag is computed from watermarks and committed offsets.

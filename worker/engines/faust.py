@@ -37,6 +37,7 @@ from confluent_kafka import KafkaError
 from worker.config import SECURITY_KEYS, KafkaSecurity, Settings
 from worker.errors import ConfigError, InferenceError
 from worker.kafka_errors import Resources, check_access, check_consumer_access, explain
+from worker.kafka_util import BACKOFF_MAX_S, BACKOFF_START_S
 from worker.observability import Hooks
 from worker.pipeline import Pipeline
 from worker.records import Record
@@ -46,10 +47,6 @@ log = logging.getLogger(__name__)
 
 #: The SASL mechanisms aiokafka implements with a username and password.
 PASSWORD_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
-
-#: Backoff between retries of a batch the classifier failed on, as in the confluent engine.
-BACKOFF_START_S = 0.5
-BACKOFF_MAX_S = 30.0
 
 
 def create_app(settings: Settings) -> faust.App:

@@ -83,7 +83,8 @@ def _tokenizer(path: Path, max_length: int, stride: int) -> Tokenizer:
     return tok
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax over the last axis (the max subtracted first, so exp never overflows)."""
     z: np.ndarray = logits - logits.max(axis=-1, keepdims=True)
     np.exp(z, out=z)
     z /= z.sum(axis=-1, keepdims=True)
@@ -243,4 +244,4 @@ class Classifier:
             (logits,) = self._session.run([self._output], feeds)
         except Exception as e:  # onnxruntime's errors are untyped
             raise InferenceError(f"onnxruntime failed on a batch of {len(encs)}: {e}") from e
-        return _softmax(np.asarray(logits, dtype=np.float32))
+        return softmax(np.asarray(logits, dtype=np.float32))

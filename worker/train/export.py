@@ -28,6 +28,7 @@ from tokenizers import Tokenizer
 from transformers import PreTrainedModel
 
 from worker.errors import ModelError
+from worker.model.classifier import softmax
 from worker.train.finetune import encode_batch, predict_proba
 
 OPSET = 18
@@ -227,8 +228,7 @@ def _onnx_proba(path: Path, tok: Tokenizer, texts: list[str]) -> np.ndarray:
     for start in range(0, len(texts), 128):
         feeds = {k: v.numpy() for k, v in encode_batch(tok, texts[start : start + 128]).items()}
         (logits,) = session.run(["logits"], feeds)
-        z = logits - logits.max(axis=1, keepdims=True)
-        out.append(np.exp(z) / np.exp(z).sum(axis=1, keepdims=True))
+        out.append(softmax(np.asarray(logits, dtype=np.float32)))
     return np.concatenate(out)
 
 
