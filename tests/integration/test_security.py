@@ -23,9 +23,9 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from devkit.toolkit import end_offsets, read_outputs
+from devkit.toolkit import end_offsets, read_outputs, start_worker
 from tests.support import scenario
-from tests.support.kafka import TopicSet, produce, start_worker, wait_for_log
+from tests.support.kafka import TopicSet, produce, wait_for_log
 
 pytestmark = pytest.mark.integration
 CATEGORIES = ["banking", "travel", "weather"]

@@ -181,15 +181,21 @@ def engine(tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> ConfluentEngin
     return e
 
 
+def _failing_transaction(engine: ConfluentEngine) -> tuple[FakeProducer, FakeConsumer]:
+    """Fake clients whose commit fails, on partitions 0 and 1 of TOPIC."""
+    producer, consumer = FakeProducer(fail_commit=True), FakeConsumer()
+    engine.consumer, engine.producer = consumer, producer  # type: ignore[assignment]
+    engine.delivery = Transactional(producer, consumer, engine.settings, _UnitIds("u"))  # type: ignore[arg-type]
+    engine._assigned = {(TOPIC, 0), (TOPIC, 1)}
+    return producer, consumer
+
+
 def test_failed_transaction_rewinds_to_its_own_first_offsets_without_asking_the_broker(
     engine: ConfluentEngine,
 ) -> None:
     # Given a transaction of two micro-batches whose commit fails, on a consumer whose
     # committed() raises (the fallback used to seek to the partition's beginning)
-    producer, consumer = FakeProducer(fail_commit=True), FakeConsumer()
-    engine.consumer, engine.producer = consumer, producer  # type: ignore[assignment]
-    engine.delivery = Transactional(producer, consumer, engine.settings, _UnitIds("u"))  # type: ignore[arg-type]
-    engine._assigned = {(TOPIC, 0), (TOPIC, 1)}
+    producer, consumer = _failing_transaction(engine)
     engine.delivery.add(_batch(0, 40, 41, 42))
     engine.delivery.add(_batch(1, 7, 8))
     engine.delivery.add(_batch(0, 43))
@@ -208,10 +214,7 @@ def test_failed_transaction_rewinds_to_its_own_first_offsets_without_asking_the_
 def test_rewind_inside_a_rebalance_callback_waits_for_the_poll_and_skips_revoked_partitions(
     engine: ConfluentEngine,
 ) -> None:
-    producer, consumer = FakeProducer(fail_commit=True), FakeConsumer()
-    engine.consumer, engine.producer = consumer, producer  # type: ignore[assignment]
-    engine.delivery = Transactional(producer, consumer, engine.settings, _UnitIds("u"))  # type: ignore[arg-type]
-    engine._assigned = {(TOPIC, 0), (TOPIC, 1)}
+    _producer, consumer = _failing_transaction(engine)
     engine.delivery.add(_batch(0, 5, 6))
     engine.delivery.add(_batch(1, 9))
     # When partition 1 is revoked and finishing the transaction fails
