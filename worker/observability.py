@@ -279,18 +279,22 @@ class RepeatFilter(logging.Filter):
     error callbacks: about 640 lines per worker in a few seconds of outage, measured on Apache
     Kafka; at a listener speaking another protocol, 216 lines in 25 s. The first line says what
     happened; repeats only bury it. Lines are alike when they match with their numbers (ports,
-    durations) masked. librdkafka's own lines are filtered at every level, others from WARNING."""
+    durations) masked. Only the clients' reports are thinned: librdkafka's lines at every level
+    and the engines' "client error" callbacks."""
 
     def __init__(self, window_s: float = 10.0) -> None:
         super().__init__()
         self.window_s = window_s
         self._seen: dict[tuple[str, str], tuple[float, int]] = {}
 
+    #: The Kafka clients' own reports: librdkafka's log lines and the engines' error callbacks.
+    THINNED = ("librdkafka", "client error")
+
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno >= logging.CRITICAL:
             return True
-        if record.levelno < logging.WARNING and record.name != "librdkafka":  # its INFO lines loop too
-            return True
+        if record.name not in self.THINNED and record.msg not in self.THINNED:
+            return True  # our own lines are rate-limited where they are made (backoff), or rare
         key = (record.name, _DIGITS.sub("#", f"{record.getMessage()} {getattr(record, 'error', '')}"))
         last, dropped = self._seen.get(key, (-self.window_s, 0))
         if record.created - last < self.window_s:

@@ -8,8 +8,10 @@ import logging
 from worker.observability import RepeatFilter
 
 
-def _record(msg: str, at: float, level: int = logging.WARNING, error: str = "") -> logging.LogRecord:
-    r = logging.LogRecord("librdkafka", level, __file__, 1, msg, None, None)
+def _record(
+    msg: str, at: float, level: int = logging.WARNING, error: str = "", logger: str = "librdkafka"
+) -> logging.LogRecord:
+    r = logging.LogRecord(logger, level, __file__, 1, msg, None, None)
     r.created = at
     r.error = error
     return r
@@ -35,8 +37,10 @@ def test_distinct_warnings_info_and_critical_lines_all_pass() -> None:
     f = RepeatFilter(window_s=10.0)
     assert f.filter(_record("client error", 1.0, error="SASL authentication failed"))
     assert f.filter(_record("client error", 1.1, error="Broker: Topic authorization failed"))
-    committed = [_record("batch committed", 1.0 + i / 100, level=logging.INFO) for i in range(50)]
-    for r in committed:
-        r.name = "worker.engines.confluent"
-    assert all(f.filter(r) for r in committed)
+    engine = "worker.engines.confluent"
+    assert all(f.filter(_record("batch committed", 1.0 + i / 100, logging.INFO, logger=engine)) for i in range(50))
+    waits = [_record("waiting for the broker", 1.0 + i, error="transport failure", logger=engine) for i in range(5)]
+    assert all(f.filter(r) for r in waits), "our own backoff lines are already paced: every attempt is logged"
+    client = [_record("client error", 3.0 + i / 10, error="Connection refused", logger=engine) for i in range(9)]
+    assert [f.filter(r) for r in client].count(True) == 1, "error callbacks are thinned like librdkafka's lines"
     assert all(f.filter(_record("fatal", 2.0 + i / 100, level=logging.CRITICAL)) for i in range(3))

@@ -710,7 +710,8 @@ class ConfluentEngine:
         err = kafka_error_of(e) if isinstance(e, DeliveryError) else None
         if err is None:
             return False
-        self.producer.poll(0)
+        with contextlib.suppress(KafkaException):  # a fatally failed producer raises its error again
+            self.producer.poll(0)
         return self._refused(err, "producer")
 
     def _drop_inflight(self) -> list[Record]:
