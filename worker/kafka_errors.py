@@ -24,6 +24,7 @@ from confluent_kafka.admin import AdminClient
 
 from worker.config import Settings
 from worker.errors import KafkaAccessError
+from worker.kafka_util import Backoff
 
 __all__ = [
     "ClientLog",
@@ -42,10 +43,6 @@ CHECK_TIMEOUT_S = 2.0
 #: How long the consumer probe fetches from the input topic's end: a refused fetch is reported
 #: within a second; nothing is read (the end has no records yet) and nothing is committed.
 PROBE_FETCH_S = 2.0
-#: Between start-up attempts while the broker does not answer at all: quick first retry, then
-#: no more than one attempt (and one log line) every 30 s.
-CHECK_BACKOFF_START_S = 0.5
-CHECK_BACKOFF_MAX_S = 30.0
 
 Side = Literal["consumer", "producer", "admin"]
 
@@ -194,7 +191,7 @@ def check_access(settings: Settings) -> None:
     client_log = ClientLog()
     conf: dict[str, Any] = {**settings.librdkafka_admin(), "logger": client_log, "error_cb": on_error}
     admin = AdminClient(conf)
-    delay_s = CHECK_BACKOFF_START_S
+    backoff = Backoff()  # at most one attempt (and one log line) every 30 s
     while True:
         error = _metadata_or_refusal(admin, refusals)
         if error is None:
@@ -205,11 +202,10 @@ def check_access(settings: Settings) -> None:
                 "bootstrap": settings.kafka.bootstrap_servers,
                 "error": error,
                 "hint": client_log.protocol_hint,
-                "retry_in_s": delay_s,
+                "retry_in_s": backoff.delay_s,
             },
         )
-        time.sleep(delay_s)
-        delay_s = min(delay_s * 2, CHECK_BACKOFF_MAX_S)
+        backoff.wait()
 
 
 def _metadata_or_refusal(admin: AdminClient, refusals: list[str]) -> str | None:

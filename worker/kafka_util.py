@@ -32,6 +32,34 @@ RETRY_PAUSE_S = 0.1
 TP = tuple[str, int]
 
 
+class Backoff:
+    """Doubling pauses between retries, from `start_s` up to `max_s`: the one policy of both
+    engines, the start-up check and replay. `step` hands out the pause to take now (for async
+    callers); `wait` takes it, running `tick` meanwhile (liveness: waiting for a broker that is
+    down is correct behaviour, not a stalled loop) and returning early once `should_stop`."""
+
+    def __init__(
+        self, tick: Callable[[], None] = lambda: None, start_s: float = BACKOFF_START_S, max_s: float = BACKOFF_MAX_S
+    ) -> None:
+        self.start_s, self.max_s = start_s, max_s
+        self.delay_s = start_s
+        self._tick = tick
+
+    def step(self) -> float:
+        delay_s = self.delay_s
+        self.delay_s = min(self.delay_s * 2, self.max_s)
+        return delay_s
+
+    def wait(self, should_stop: Callable[[], bool] = lambda: False) -> None:
+        deadline = time.monotonic() + self.step()
+        while time.monotonic() < deadline and not should_stop():
+            self._tick()
+            time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+
+    def reset(self) -> None:
+        self.delay_s = self.start_s
+
+
 def kafka_error(e: KafkaException) -> KafkaError:
     """The `KafkaError` inside an exception (librdkafka sometimes raises with a plain string)."""
     err = e.args[0] if e.args else None

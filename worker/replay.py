@@ -31,6 +31,7 @@ from worker.errors import DeliveryError
 from worker.kafka_util import (
     CALL_TIMEOUT_S,
     TP,
+    Backoff,
     BoundedReader,
     kafka_error,
     offsets_at,
@@ -58,8 +59,8 @@ GAINED_HEADERS = frozenset({ERROR_REASON, ERROR_MESSAGE, SOURCE_TOPIC, SOURCE_PA
 UNKNOWN_REASON = "unknown"
 #: Longest wait for the next messages; bounds how late a stop request is noticed.
 POLL_S = 0.2
-#: First wait after an aborted transaction, doubled per consecutive failure up to the cap.
-BACKOFF_START_S = 0.5
+#: Longest wait after consecutive aborted transactions (shorter than a worker's: a replay is an
+#: operator watching a terminal, not a pod waiting out an outage).
 BACKOFF_MAX_S = 10.0
 #: Examples a dry run prints: enough to recognise the failure, few enough to read.
 DRY_RUN_EXAMPLES = 5
@@ -283,7 +284,7 @@ class Replayer:
     def _replay(self, reader: BoundedReader, producer: Producer, summary: Summary) -> None:
         committed = dict(reader.position)
         started = time.monotonic()
-        backoff_s = BACKOFF_START_S
+        backoff = Backoff(max_s=BACKOFF_MAX_S)
         while not reader.done() and not self._stop:
             batch = reader.take(self.batch_size, POLL_S)
             if not batch:
@@ -296,10 +297,9 @@ class Replayer:
                 log.warning("replay transaction aborted; retrying", extra={"error": kafka_error(e).str()})
                 self._abort(producer)
                 reader.rewind({tp: committed[tp] for tp in offsets})
-                time.sleep(backoff_s)
-                backoff_s = min(backoff_s * 2, BACKOFF_MAX_S)
+                backoff.wait(lambda: self._stop)
                 continue
-            backoff_s = BACKOFF_START_S
+            backoff.reset()
             committed.update(offsets)
             summary.add([(d, r) for d, r, _ in decisions])
             log.debug("replay batch committed", extra={"messages": len(batch), "offsets": _show(offsets)})

@@ -47,3 +47,17 @@ def test_retry_call_retries_retriable_errors_and_stops_on_fatal_ones() -> None:
 
     with pytest.raises(FatalDeliveryError, match="fenced"):
         retry_call(fenced, timeout_s=5.0)
+
+
+def test_backoff_doubles_to_its_cap_resets_and_stops_waiting_when_told() -> None:
+    from worker.kafka_util import Backoff
+
+    backoff = Backoff(start_s=0.5, max_s=3.0)
+    assert [backoff.step() for _ in range(5)] == [0.5, 1.0, 2.0, 3.0, 3.0]
+    backoff.reset()
+    assert backoff.step() == 0.5
+    ticks: list[int] = []
+    waiting = Backoff(tick=lambda: ticks.append(1), start_s=5.0)
+    started = time.monotonic()
+    waiting.wait(should_stop=lambda: len(ticks) >= 3)
+    assert time.monotonic() - started < 1.0 and len(ticks) == 3, "a stop request ends the pause at once"

@@ -46,7 +46,7 @@ from confluent_kafka.admin import AdminClient, OffsetSpec  # type: ignore[attr-d
 from worker.config import Settings
 from worker.errors import DeliveryError, FatalDeliveryError, InferenceError, WedgedClientError
 from worker.kafka_errors import ClientLog, KafkaAccessError, Resources, Side, check_access, explain, kafka_error_of
-from worker.kafka_util import BACKOFF_MAX_S, BACKOFF_START_S, CALL_TIMEOUT_S, kafka_error, retry_call
+from worker.kafka_util import CALL_TIMEOUT_S, Backoff, kafka_error, retry_call
 from worker.messages import BATCH_HEADER
 from worker.observability import Hooks
 from worker.pipeline import Outcome, Pipeline
@@ -69,25 +69,6 @@ IDLE_POLL_S = 0.1
 CLASSIFIER_STUCK_S = 30.0
 #: Stop waits this long for the housekeeping thread: a shutdown must fit the pod's grace period.
 HOUSEKEEPING_JOIN_S = 1.0
-
-
-class Backoff:
-    """Growing pauses between retries; `tick` runs while waiting (liveness: waiting for a broker
-    that is down is correct behaviour, not a stalled loop)."""
-
-    def __init__(self, tick: Callable[[], None] = lambda: None) -> None:
-        self.delay_s = BACKOFF_START_S
-        self._tick = tick
-
-    def wait(self, should_stop: Callable[[], bool]) -> None:
-        deadline = time.monotonic() + self.delay_s
-        while time.monotonic() < deadline and not should_stop():
-            self._tick()
-            time.sleep(0.05)
-        self.delay_s = min(self.delay_s * 2, BACKOFF_MAX_S)
-
-    def reset(self) -> None:
-        self.delay_s = BACKOFF_START_S
 
 
 def to_record(m: Message) -> Record:

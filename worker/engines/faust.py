@@ -37,7 +37,7 @@ from confluent_kafka import KafkaError
 from worker.config import SECURITY_KEYS, KafkaSecurity, Settings
 from worker.errors import ConfigError, InferenceError
 from worker.kafka_errors import Resources, check_access, check_consumer_access, explain
-from worker.kafka_util import BACKOFF_MAX_S, BACKOFF_START_S
+from worker.kafka_util import Backoff
 from worker.observability import Hooks
 from worker.pipeline import Pipeline
 from worker.records import Record
@@ -184,7 +184,7 @@ class FaustClassifier:
         os._exit(EXIT_ACCESS)
 
     async def _process_until_it_works(self, records: list[Record]) -> Any:
-        delay = BACKOFF_START_S
+        backoff = Backoff()
         loop = asyncio.get_running_loop()
         while True:
             try:
@@ -192,8 +192,7 @@ class FaustClassifier:
             except InferenceError as e:
                 log.error("classifier failed on a batch; will retry", extra={"error": str(e), "size": len(records)})
                 self.hooks.on_batch_failed("inference")
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, BACKOFF_MAX_S)
+                await asyncio.sleep(backoff.step())
 
 
 def _record(message: Any) -> Record:
