@@ -72,8 +72,9 @@ class Routed(Inbound):
     route: Route
 
 
+#: `inference_error`: the classifier raised on this record alone (its batch was bisected to find it).
 DeadLetterReason = Literal[
-    "null_value", "too_large", "encoding", "invalid_json", "not_an_object", "schema", "empty_text"
+    "null_value", "too_large", "encoding", "invalid_json", "not_an_object", "schema", "empty_text", "inference_error"
 ]
 
 

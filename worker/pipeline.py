@@ -22,7 +22,7 @@ import orjson
 from pydantic import ValidationError
 
 from worker.config import Settings
-from worker.errors import DecodeError
+from worker.errors import DecodeError, InferenceError
 from worker.messages import (
     ERROR_MESSAGE,
     ERROR_REASON,
@@ -215,14 +215,64 @@ class Pipeline:
                 slots.append(None)
             except DecodeError as e:
                 slots.append(dead_letter(record, self.dlq_topic, e.reason, e.message))
-        items = [item for _, item in valid]
-        verdicts, inference_seconds = judge(self.classifier, self.router, [item.text for item in items])
-        for (slot, item), verdict in zip(valid, verdicts, strict=True):
-            slots[slot] = self._routed(item, verdict)
+        results, inference_seconds = self._classify([item for _, item in valid])
+        judged: list[tuple[_Valid, Verdict]] = []
+        for (slot, item), result in zip(valid, results, strict=True):
+            if isinstance(result, DecodeError):
+                slots[slot] = dead_letter(item.record, self.dlq_topic, result.reason, result.message)
+            else:
+                slots[slot] = self._routed(item, result)
+                judged.append((item, result))
         outgoing = [s for s in slots if s is not None]
-        if self.shadow is not None and items:
-            outgoing += self.shadow.compare(items, verdicts, self.model_id)
+        if self.shadow is not None and judged:
+            items, verdicts = zip(*judged, strict=True)
+            outgoing += self.shadow.compare(list(items), list(verdicts), self.model_id)
         return Outcome(outgoing, inference_seconds)
+
+    def _classify(self, items: list[_Valid]) -> tuple[list[Verdict | DecodeError], float]:
+        """A verdict per item, or the reason it cannot have one.
+
+        An exception other than `InferenceError` (a tokenizer bug, a text some library chokes on)
+        is taken for a poison record once the classifier passes a known-good probe: the batch is
+        bisected until the records that fail alone are found, and only those are dead-lettered
+        (the classifier is batch-independent, so the others get the verdict one call would have
+        given them). If the probe fails too, the classifier is broken, not the records: the
+        whole batch fails as an `InferenceError` and is retried."""
+        try:
+            return self._judge(items)
+        except InferenceError:
+            raise
+        except Exception as e:  # anything the tokenizer or a library may raise on one text
+            if not self.classifier.healthy():
+                raise InferenceError(f"classifier fails on a known-good probe too: {type(e).__name__}") from e
+            return self._bisect(items, e)
+
+    def _bisect(self, items: list[_Valid], error: Exception) -> tuple[list[Verdict | DecodeError], float]:
+        if len(items) == 1:
+            r = items[0].record
+            log.warning(
+                "record breaks the classifier; dead-lettering it",
+                extra={"error": type(error).__name__, "topic": r.topic, "partition": r.partition, "offset": r.offset},
+            )
+            # the type only: an exception's text may quote the record's body
+            return [DecodeError("inference_error", f"the classifier raised {type(error).__name__} on this record")], 0.0
+        halves = (items[: len(items) // 2], items[len(items) // 2 :])
+        results: list[Verdict | DecodeError] = []
+        seconds = 0.0
+        for half in halves:
+            try:
+                part, spent = self._judge(half)
+            except InferenceError:
+                raise
+            except Exception as e:  # this half holds a poison record: split it further
+                part, spent = self._bisect(half, e)
+            results += part
+            seconds += spent
+        return results, seconds
+
+    def _judge(self, items: list[_Valid]) -> tuple[list[Verdict | DecodeError], float]:
+        verdicts, seconds = judge(self.classifier, self.router, [item.text for item in items])
+        return list(verdicts), seconds
 
     def _routed(self, item: _Valid, verdict: Verdict) -> Outgoing:
         prediction, category_score, decision = verdict.prediction, verdict.category_score, verdict.decision

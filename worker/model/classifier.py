@@ -128,6 +128,15 @@ class Classifier:
                 f"{len(self.labels)} labels"
             )
 
+    def healthy(self) -> bool:
+        """Whether a known-good text still classifies: tells a poison record from a broken
+        classifier when a batch raises."""
+        try:
+            self.predict_proba(["probe"])
+        except Exception:  # whatever broke the batch; the caller holds that exception
+            return False
+        return True
+
     def predict(self, texts: Sequence[str]) -> list[Prediction]:
         return self.predictions(self.predict_proba(texts))
 
