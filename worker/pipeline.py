@@ -37,7 +37,7 @@ from worker.messages import (
     ShadowVerdict,
 )
 from worker.model.bundle import load_bundle
-from worker.model.classifier import Classifier, Prediction
+from worker.model.classifier import Classifier, Encoded, Prediction, Truncation
 from worker.records import Headers, OutcomeKind, Outgoing, Record
 from worker.routing import Decision, Router
 
@@ -66,6 +66,8 @@ class Verdict:
     prediction: Prediction
     category_score: float
     decision: Decision
+    #: set when the text was longer than the classifier reads (`CW_LIMITS__MAX_CHUNKS`)
+    truncation: Truncation | None = None
 
     @property
     def route(self) -> str:
@@ -86,14 +88,19 @@ class Verdict:
 def judge(classifier: Classifier, router: Router, texts: list[str]) -> tuple[list[Verdict], float]:
     """Classify and route `texts`; also return the seconds spent in inference."""
     started = time.perf_counter()
-    probs = classifier.predict_proba(texts)
-    inference_seconds = time.perf_counter() - started
+    verdicts = verdicts_of(classifier, router, classifier.encode(texts))
+    return verdicts, time.perf_counter() - started
+
+
+def verdicts_of(classifier: Classifier, router: Router, encoded: Encoded) -> list[Verdict]:
+    """Inference and routing on already tokenized texts."""
+    probs = classifier.proba_of(encoded)
     predictions = classifier.predictions(probs)
     category_scores = router.category_scores(probs).tolist()
-    verdicts = [
-        Verdict(p, score, router.route(p.label, score)) for p, score in zip(predictions, category_scores, strict=True)
+    return [
+        Verdict(p, score, router.route(p.label, score), encoded.truncated.get(i))
+        for i, (p, score) in enumerate(zip(predictions, category_scores, strict=True))
     ]
-    return verdicts, inference_seconds
 
 
 def _schema_message(e: ValidationError) -> str:
@@ -195,6 +202,7 @@ class Pipeline:
         dlq_topic: str,
         max_input_bytes: int,
         max_output_bytes: int,
+        dead_letter_truncated: bool = False,
         shadow: Shadow | None = None,
     ) -> None:
         self.classifier = classifier
@@ -202,6 +210,8 @@ class Pipeline:
         self.dlq_topic = dlq_topic
         self.max_input_bytes = max_input_bytes
         self.max_output_bytes = max_output_bytes
+        #: `CW_LIMITS__OVER_MAX_CHUNKS=dead_letter`: a text over the chunk cap is refused, not routed on its head
+        self.dead_letter_truncated = dead_letter_truncated
         self.shadow = shadow
         self.model_id = classifier.bundle.model_id
 
@@ -271,8 +281,21 @@ class Pipeline:
         return results, seconds
 
     def _judge(self, items: list[_Valid]) -> tuple[list[Verdict | DecodeError], float]:
-        verdicts, seconds = judge(self.classifier, self.router, [item.text for item in items])
-        return list(verdicts), seconds
+        started = time.perf_counter()
+        encoded = self.classifier.encode([item.text for item in items])
+        refused = self._refused(encoded)
+        encoded = encoded.without(refused)
+        verdicts = iter(verdicts_of(self.classifier, self.router, encoded))
+        results = [refused[i] if i in refused else next(verdicts) for i in range(len(items))]
+        return results, time.perf_counter() - started
+
+    def _refused(self, encoded: Encoded) -> dict[int, DecodeError]:
+        """The texts over the chunk cap, when the settings dead-letter those."""
+        if not self.dead_letter_truncated:
+            return {}
+        limit = f"{self.classifier.max_chunks} chunks of {self.classifier.bundle.max_length} tokens"
+        message = f"text is longer than {limit} (CW_LIMITS__MAX_CHUNKS)"
+        return {i: DecodeError("too_long", message) for i in encoded.truncated}
 
     def _routed(self, item: _Valid, verdict: Verdict) -> Outgoing:
         prediction, category_score, decision = verdict.prediction, verdict.category_score, verdict.decision
@@ -287,6 +310,8 @@ class Pipeline:
         }
         if decision.reason:
             route["reason"] = decision.reason
+        if verdict.truncation is not None:
+            route["truncated"] = {"chunks": verdict.truncation.chunks, "chars": verdict.truncation.chars}
         item.body["route"] = route
         value = orjson.dumps(item.body)
         record = item.record
@@ -316,6 +341,7 @@ def build_pipeline(settings: Settings, *, shadow: bool = True) -> Pipeline:
         dlq_topic=settings.topics.dlq,
         max_input_bytes=settings.limits.max_input_bytes,
         max_output_bytes=settings.limits.max_output_bytes,
+        dead_letter_truncated=settings.limits.over_max_chunks == "dead_letter",
         shadow=candidate,
     )
 
@@ -324,5 +350,12 @@ def _load(settings: Settings, path: Path | None) -> tuple[Classifier, Router]:
     """A classifier and its router; a shadow bundle is routed with the same settings as the live one."""
     bundle = load_bundle(path)
     m = settings.model
-    classifier = Classifier(bundle, token_budget=m.token_budget, top_k=m.top_k, stride=m.stride, threads=m.threads)
+    classifier = Classifier(
+        bundle,
+        token_budget=m.token_budget,
+        top_k=m.top_k,
+        stride=m.stride,
+        threads=m.threads,
+        max_chunks=settings.limits.max_chunks,
+    )
     return classifier, Router(bundle.routes, bundle.labels, settings)

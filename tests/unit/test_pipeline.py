@@ -135,7 +135,7 @@ def test_classifier_failure_fails_the_whole_batch(pipeline: Pipeline, monkeypatc
     def boom(texts: list[str]) -> object:
         raise InferenceError("simulated")
 
-    monkeypatch.setattr(pipeline.classifier, "predict_proba", boom)
+    monkeypatch.setattr(pipeline.classifier, "proba_of", boom)
     with pytest.raises(InferenceError):
         pipeline.process([rec(b'{"text": "rain"}')])
 
@@ -219,3 +219,36 @@ def test_a_classifier_that_fails_on_everything_fails_the_batch_instead_of_dead_l
     for batch in ([rec(b'{"text": "rain"}')], [rec(b'{"text": "rain"}'), rec(b'{"text": "wire"}', 1)]):
         with pytest.raises(InferenceError, match="RuntimeError"):
             p.process(batch)
+
+
+def _long_doc_pipeline(tmp_path: Path, **limits: object) -> Pipeline:
+    settings = load_settings(
+        model={"path": build_bundle(tmp_path / "b", max_length=8), "stride": 2},
+        limits={"max_input_bytes": 100_000, "max_chunks": 2, **limits},
+    )
+    return build_pipeline(settings)
+
+
+def test_a_document_over_max_chunks_is_routed_on_its_head_and_says_so(tmp_path: Path) -> None:
+    # Given a cap of 2 chunks (6 + 5 tokens), a document whose head is about weather, and a short query
+    p = _long_doc_pipeline(tmp_path)
+    doc = "rain " * 8 + "wire " * 500
+    outs = p.process([rec(orjson.dumps({"text": doc, "kind": "document"})), rec(b'{"text": "wire"}', 1)]).outgoing
+    long_route, short_route = (orjson.loads(o.value)["route"] for o in outs)
+    # Then it is routed on its first 2 chunks, and `route.truncated` says how much was read
+    assert (outs[0].topic, long_route["label"]) == ("routed.weather", "weather")
+    assert long_route["truncated"]["chunks"] == 2
+    assert doc[: long_route["truncated"]["chars"]].split() == ["rain"] * 8 + ["wire"] * 3
+    Routed.model_validate(orjson.loads(outs[0].value))
+    # And a text within the cap carries no truncation note
+    assert "truncated" not in short_route and outs[1].topic == "routed.banking"
+
+
+def test_a_document_over_max_chunks_is_dead_lettered_when_asked(tmp_path: Path) -> None:
+    p = _long_doc_pipeline(tmp_path, over_max_chunks="dead_letter")
+    doc = orjson.dumps({"text": "rain " * 8 + "wire " * 500})
+    long_out, short_out = p.process([rec(doc, offset=5), rec(b'{"text": "rain"}', 6)]).outgoing
+    headers = dict(long_out.headers)
+    assert (long_out.kind, headers["error.reason"], long_out.value) == ("dead_letter", b"too_long", doc)
+    assert b"CW_LIMITS__MAX_CHUNKS" in headers["error.message"]
+    assert short_out.kind == "routed"
