@@ -21,6 +21,7 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
+from worker import exact_json
 from worker.config import Settings
 from worker.errors import DecodeError, InferenceError
 from worker.messages import (
@@ -120,8 +121,8 @@ def decode(record: Record, max_input_bytes: int) -> _Valid:
     except UnicodeDecodeError as e:
         raise DecodeError("encoding", f"not UTF-8: {e.reason} at byte {e.start}") from e
     try:
-        obj = orjson.loads(text.removeprefix(_BOM))
-    except orjson.JSONDecodeError as e:
+        obj = exact_json.loads(text.removeprefix(_BOM))
+    except ValueError as e:  # orjson.JSONDecodeError, or nesting too deep to keep an integer exact
         raise DecodeError("invalid_json", str(e)[:500]) from e
     if not isinstance(obj, dict):
         raise DecodeError("not_an_object", f"JSON value is {type(obj).__name__}, expected an object")
@@ -313,7 +314,7 @@ class Pipeline:
         if verdict.truncation is not None:
             route["truncated"] = {"chunks": verdict.truncation.chunks, "chars": verdict.truncation.chars}
         item.body["route"] = route
-        value = orjson.dumps(item.body)
+        value = exact_json.dumps(item.body)
         record = item.record
         if len(value) > self.max_output_bytes:
             return dead_letter(
