@@ -166,7 +166,8 @@ class ModelSettings(_Section):
     path: Path | None = None
     #: Tokens per inference call; bounds memory and keeps padding waste low.
     token_budget: int = Field(default=DEFAULT_TOKEN_BUDGET, ge=64)
-    #: Concurrent single-threaded inference calls; None = the CPUs this process may use.
+    #: Concurrent single-threaded inference calls; None = the cgroup CPU quota rounded down, else
+    #: the affinity mask (`worker/cpus.py`), never the node's core count.
     threads: int | None = Field(default=None, ge=1, le=256)
     top_k: int = Field(default=3, ge=1, le=50)
     #: Overlap between chunks of a document longer than the model's max length.

@@ -271,3 +271,22 @@ def test_helm_default_uses_the_model_in_the_image_and_refuses_two_sources() -> N
     both = ["--set", "model.existingClaim=x", "--set", "model.image.repository=y"]
     out = subprocess.run([HELM, "template", "cw", str(CHART), *both], capture_output=True, text=True, check=False)
     assert out.returncode != 0 and "at most one of model.image.repository and model.existingClaim" in out.stderr
+
+
+def _worker_env(docs: list[dict]) -> dict[str, dict]:
+    pod = next(d for d in docs if d["kind"] in ("Deployment", "StatefulSet"))["spec"]["template"]["spec"]
+    return {e["name"]: e for e in pod["containers"][0]["env"]}
+
+
+@pytest.mark.skipif(HELM is None, reason="helm is not installed")
+def test_inference_threads_follow_the_pods_cpu_not_the_nodes() -> None:
+    # Without a CPU limit there is no quota to read, and the affinity mask is the node's: the request
+    by_request = _worker_env(_render())["CW_MODEL__THREADS"]
+    assert by_request["valueFrom"]["resourceFieldRef"] == {
+        "containerName": "worker",
+        "resource": "requests.cpu",
+        "divisor": "1",
+    }
+    # With a limit the worker reads its cgroup quota itself; an explicit value wins over both
+    assert "CW_MODEL__THREADS" not in _worker_env(_render("--set", "resources.limits.cpu=4"))
+    assert _worker_env(_render("--set", "model.threads=3"))["CW_MODEL__THREADS"]["value"] == "3"

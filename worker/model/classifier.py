@@ -12,7 +12,6 @@ overlapping chunks whose probabilities are averaged instead of being silently tr
 
 from __future__ import annotations
 
-import os
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ import onnxruntime as ort
 from tokenizers import Encoding, Tokenizer
 
 from worker.config import DEFAULT_TOKEN_BUDGET
+from worker.cpus import usable_cores
 from worker.errors import InferenceError, ModelError
 from worker.model.bundle import Bundle
 
@@ -71,18 +71,6 @@ class Encoded:
         kept = [(chunk, index[owner]) for chunk, owner in zip(self.chunks, self.owners, strict=True) if owner in index]
         truncated = {index[i]: t for i, t in self.truncated.items() if i in index}
         return Encoded([c for c, _ in kept], [o for _, o in kept], len(index), truncated)
-
-
-def usable_cores() -> int:
-    """CPUs this process may use: the affinity mask, capped by a cgroup v2 CPU quota (containers)."""
-    cores = len(os.sched_getaffinity(0))
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
-        if quota != "max":
-            cores = min(cores, max(1, int(int(quota) // int(period))))
-    except (OSError, ValueError):
-        pass
-    return max(1, cores)
 
 
 def _session(path: Path) -> ort.InferenceSession:
