@@ -6,6 +6,7 @@
 //   node kafkajs-read.js '{"brokers": ["127.0.0.1:9092"], "topics": ["a"], "expect": 10}'
 "use strict";
 
+const fs = require("fs");
 const { Kafka, logLevel } = require("kafkajs");
 
 const opts = Object.assign({ timeoutMs: 60000, quietMs: 2000, groupId: `kafkajs-${process.pid}` }, JSON.parse(process.argv[2]));
@@ -26,7 +27,7 @@ let finished = false;
 async function finish(code, why) {
   if (finished) return;
   finished = true;
-  if (why) process.stderr.write(`${why}\n`);
+  if (why) fs.writeSync(2, `${why}\n`);
   try {
     await consumer.disconnect();
   } finally {
@@ -47,7 +48,7 @@ async function main() {
         headers[k] = (Array.isArray(v) ? v : [v]).map(b64);
       }
       const line = { topic, partition, offset: message.offset, key: b64(message.key), value: b64(message.value), headers };
-      process.stdout.write(JSON.stringify(line) + "\n");
+      fs.writeSync(1, JSON.stringify(line) + "\n"); // synchronous: process.exit drops what a pipe has not taken
       seen += 1;
       lastAt = Date.now();
     },
