@@ -69,3 +69,11 @@ schemas: $(VENV)/.dev ## regenerate schemas/ from worker/messages.py
 
 clean: ## remove the virtual environment and caches
 	rm -rf $(VENV) .tools .pytest_cache .hypothesis .mypy_cache .ruff_cache
+
+# Node packages of the interop and dashboard tests (kafkajs; Prometheus's PromQL grammar), pinned
+# by tests/support/node/package-lock.json and installed with `npm ci` into .tools/node. The tests
+# install them on first use too; as a prerequisite of `test`, an npm failure shows up front.
+NODE_DEPS := .tools/node/.installed
+$(NODE_DEPS): $(VENV)/.dev tests/support/node/package.json tests/support/node/package-lock.json
+	$(PY) -c "from tests.support.interop import node_modules; node_modules()"
+	touch $@
