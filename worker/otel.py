@@ -69,6 +69,7 @@ class SpanExport(Propagator, Hooks):
         self._group = settings.kafka.group_id
         self._input = settings.topics.input
         self._model = ""
+        self._sampler_failed = False
 
     @classmethod
     def from_environment(cls, settings: Settings) -> SpanExport:
@@ -87,10 +88,21 @@ class SpanExport(Propagator, Hooks):
 
     def child(self, parent: TraceContext | None) -> TraceContext:
         trace_id = parent.trace_id if parent is not None else new_trace_id()
-        parent_context = _remote(parent) if parent is not None else None
-        decision = self._sampler.should_sample(parent_context, trace_id, f"process {self._input}", SpanKind.CONSUMER)
-        flags = SAMPLED if decision.decision is Decision.RECORD_AND_SAMPLE else 0
+        flags = self._sample(parent, trace_id)
         return TraceContext(trace_id, new_span_id(), flags, parent.state if parent is not None else None)
+
+    def _sample(self, parent: TraceContext | None, trace_id: int) -> int:
+        """The sampler's decision as trace flags; a sampler that raises (a custom one) must not
+        fail the batch: the parent's flag stands, and it is logged once."""
+        try:
+            parent_context = _remote(parent) if parent is not None else None
+            result = self._sampler.should_sample(parent_context, trace_id, f"process {self._input}", SpanKind.CONSUMER)
+        except Exception as e:
+            if not self._sampler_failed:
+                log.warning("trace sampler failed; keeping the parent's flag", extra={"error": str(e)[:500]})
+                self._sampler_failed = True
+            return parent.flags & SAMPLED if parent is not None else 0
+        return SAMPLED if result.decision is Decision.RECORD_AND_SAMPLE else 0
 
     # -- the hook half: runs once the batch is delivered -----------------------------------------
 

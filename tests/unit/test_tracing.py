@@ -5,6 +5,7 @@ yields, and span export (ids, parents, links, sampling) into the SDK's in-memory
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NoReturn
 
 import orjson
 import pytest
@@ -400,3 +401,23 @@ def test_service_name_and_instance_default_to_ours_and_yield_to_the_variables(ot
     assert theirs._resource.attributes["service.name"] == "router" and theirs._resource.attributes["a"] == "b"
     ours.shutdown()
     theirs.shutdown()
+
+
+def test_the_sampler_comes_from_otel_traces_sampler(otel_env: pytest.MonkeyPatch, bundles: tuple[Path, Path]) -> None:
+    tracing = _configure(otel_env, {"OTEL_TRACES_EXPORTER": "console", "OTEL_TRACES_SAMPLER": "always_off"})
+    assert isinstance(tracing, SpanExport)
+    sampled_parent = parse_traceparent(VALID)
+    child = tracing.child(sampled_parent)
+    assert child.trace_id == int(TRACE, 16) and not child.sampled, "always_off overrides the parent's flag"
+    tracing.shutdown()
+
+
+def test_a_failing_sampler_keeps_the_parents_flag_and_never_fails_the_batch(bundles: tuple[Path, Path]) -> None:
+    class Broken(ParentBased):
+        def should_sample(self, *args: object, **kwargs: object) -> NoReturn:
+            raise RuntimeError("sampler bug")
+
+    _, _, pipeline = _export(bundles, sampler=Broken(ALWAYS_ON))
+    outcome = pipeline.process([_record(0, "balance", [("traceparent", VALID.encode())]), _record(1, "rain", [])])
+    assert [extract(o.headers) is not None for o in outcome.outgoing] == [True, True]
+    assert [c.sampled for o in outcome.outgoing if (c := extract(o.headers))] == [True, False]
