@@ -141,6 +141,8 @@ class Propagator:
         return TraceContext(parent.trace_id, new_span_id(), parent.flags & SAMPLED, parent.state)
 
     def stamp(self, outgoing: list[Outgoing]) -> list[Outgoing]:
+        """`outgoing` with each item's context on its records; one span per source record, so an
+        item's routed record and its shadow disagreement carry the same span id."""
         spans: dict[int, TraceContext | None] = {}
         out = []
         for o in outgoing:
