@@ -1,7 +1,8 @@
 """Every downstream client can read what the worker routes, with default settings: the Java
-console consumer (Apache Kafka's own client) and kafkajs (Node, an independent Kafka
-implementation without codec plugins) read every routed, fallback and dead-letter record
-read_committed, exactly once, keys and headers intact, trace context continued.
+console consumer (Apache Kafka's own client), kafkajs (Node, an independent Kafka
+implementation without codec plugins) and aiokafka (pure Python, no extras) read every routed,
+fallback and dead-letter record read_committed, exactly once, keys and headers intact, trace
+context continued.
 
 And the reason the default changed: kafkajs cannot read lz4 (the worker's old default)."""
 
@@ -22,6 +23,7 @@ from tests.support.interop import (
     Read,
     console_records,
     kafkajs_records,
+    read_with_aiokafka,
     read_with_console_consumer,
     read_with_kafkajs,
 )
@@ -122,7 +124,7 @@ def _trace_problems(
     return []
 
 
-def test_java_and_kafkajs_read_every_routed_record_exactly_once_with_default_settings(
+def test_java_kafkajs_and_aiokafka_read_every_routed_record_exactly_once_with_default_settings(
     kafka_bootstrap: str, tiny_bundle: Path, tmp_path: Path
 ) -> None:
     # Given 300 messages (keys ASCII, UTF-8 or none; headers repeated, empty, traced), 20 malformed
@@ -137,14 +139,18 @@ def test_java_and_kafkajs_read_every_routed_record_exactly_once_with_default_set
     worker = start_worker(env, log, "--max-messages", str(N), "--idle-exit", "20")
     assert worker.wait(120) == 0, log.read_text()[-3000:]
 
-    # Then librdkafka, the Java console consumer and kafkajs, each read_committed, read them all
+    # Then librdkafka, the Java console consumer, kafkajs and aiokafka, each read_committed, read them all
     outputs = [t for t, _ in partitions(kafka_bootstrap, topics.outputs(CATEGORIES))]
     outputs = sorted(set(outputs))
     include = "|".join(re.escape(t) for t in outputs)
     java = read_with_console_consumer(kafka_bootstrap, f"^({include})$", N)
     node = read_with_kafkajs(kafka_bootstrap, outputs, N)
     reference = read_outputs(kafka_bootstrap, outputs, N, timeout_s=60, quiet_s=2)
-    reads = {"java": console_records(java), "kafkajs": kafkajs_records(node)}
+    reads = {
+        "java": console_records(java),
+        "kafkajs": kafkajs_records(node),
+        "aiokafka": read_with_aiokafka(kafka_bootstrap, outputs, N),
+    }
     problems = [p for client, rs in reads.items() for p in _check(client, rs, topics)]
     assert not problems, "\n".join(problems[:40])
 

@@ -1,15 +1,19 @@
 """Kafka clients that share no code with librdkafka, reading what the worker wrote: the Java
-console consumer from the Apache Kafka jars the tests already run the broker from, and kafkajs
-(Node) from npm. Each returns every record it read as a `Read`, bytes exactly as received."""
+console consumer from the Apache Kafka jars the tests already run the broker from, kafkajs
+(Node) from npm, and aiokafka (pure Python, the Faust engine's client). Each returns every
+record it read as a `Read`, bytes exactly as received."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
 import os
 import shutil
 import subprocess
+import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,3 +148,32 @@ def _console_headers(raw: bytes) -> tuple[tuple[str, bytes | None], ...]:
         key, _, value = item.partition(b":")  # the formatter's fixed key:value separator
         pairs.append((key.decode(), _nullable(value)))
     return tuple(pairs)
+
+
+def read_with_aiokafka(bootstrap: str, topics: list[str], expect: int, timeout_s: float = 60.0) -> list[Read]:
+    """aiokafka in a consumer group, read_committed, until `expect` records and 2 s without more."""
+    from aiokafka import AIOKafkaConsumer
+
+    async def read() -> list[Read]:
+        consumer = AIOKafkaConsumer(
+            *topics,
+            bootstrap_servers=bootstrap,
+            group_id=f"aiokafka-{uuid.uuid4().hex[:8]}",
+            isolation_level="read_committed",
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+        )
+        await consumer.start()
+        reads: list[Read] = []
+        deadline, last = time.monotonic() + timeout_s, time.monotonic()
+        try:
+            while time.monotonic() < deadline and (len(reads) < expect or time.monotonic() - last < 2.0):
+                batches = await consumer.getmany(timeout_ms=200)
+                for messages in batches.values():
+                    reads += [Read(m.topic, m.key, m.value, tuple(m.headers)) for m in messages]
+                    last = time.monotonic()
+        finally:
+            await consumer.stop()
+        return reads
+
+    return asyncio.run(read())
