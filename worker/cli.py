@@ -102,13 +102,15 @@ def run(
         from prometheus_client import CollectorRegistry
 
         from worker.engines.confluent import ConfluentEngine
-        from worker.observability import Health, HookSet, MetricsServer, PrometheusHooks
+        from worker.observability import Health, Hooks, HookSet, MetricsServer, PrometheusHooks
         from worker.pipeline import build_pipeline
+        from worker.tracing import configure
 
-        pipeline = build_pipeline(settings)
+        tracing = configure(settings)  # W3C propagation; with OTEL_* variables, span export too
+        pipeline = build_pipeline(settings, tracing=tracing)
         registry = CollectorRegistry()
         health = Health()
-        hooks = HookSet([health, PrometheusHooks(registry)])
+        hooks = HookSet([health, PrometheusHooks(registry), *([tracing] if isinstance(tracing, Hooks) else [])])
         hooks.on_model(pipeline.classifier.bundle)
         server = None
         if settings.metrics.enabled:

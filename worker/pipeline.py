@@ -8,6 +8,9 @@ With a shadow model (`CW_SHADOW__MODEL_PATH`), the batch's valid items are score
 after routing; its disagreements and one tally per batch are appended as `shadow` records, so
 whichever engine commits the batch commits them in the same transaction. Nothing the shadow
 computes is read back by routing, and a shadow failure is counted, never raised.
+
+Last, every item's outputs get its trace context (`worker.tracing`): an inbound `traceparent`
+continues with the worker's own span id, so both engines propagate traces without knowing it.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from worker.model.bundle import load_bundle
 from worker.model.classifier import Classifier, Encoded, Prediction, Truncation
 from worker.records import Headers, OutcomeKind, Outgoing, Record
 from worker.routing import Decision, Router
+from worker.tracing import Propagator
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +55,8 @@ _BOM = "\ufeff"
 class Outcome:
     outgoing: list[Outgoing]
     inference_seconds: float
+    #: Wall clock (ns since epoch) when processing began: where the batch's and items' spans start.
+    started_ns: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +211,7 @@ class Pipeline:
         max_output_bytes: int,
         dead_letter_truncated: bool = False,
         shadow: Shadow | None = None,
+        tracing: Propagator | None = None,
     ) -> None:
         self.classifier = classifier
         self.router = router
@@ -214,10 +221,12 @@ class Pipeline:
         #: `CW_LIMITS__OVER_MAX_CHUNKS=dead_letter`: a text over the chunk cap is refused, not routed on its head
         self.dead_letter_truncated = dead_letter_truncated
         self.shadow = shadow
+        self.tracing = tracing or Propagator()
         self.model_id = classifier.bundle.model_id
 
     def process(self, records: list[Record]) -> Outcome:
         """Raises `InferenceError` if the classifier fails on the batch: nothing may be committed."""
+        started_ns = time.time_ns()
         slots: list[Outgoing | None] = []
         valid: list[tuple[int, _Valid]] = []
         for record in records:
@@ -238,7 +247,7 @@ class Pipeline:
         if self.shadow is not None and judged:
             items, verdicts = zip(*judged, strict=True)
             outgoing += self.shadow.compare(list(items), list(verdicts), self.model_id)
-        return Outcome(outgoing, inference_seconds)
+        return Outcome(self.tracing.stamp(outgoing), inference_seconds, started_ns)
 
     def _classify(self, items: list[_Valid]) -> tuple[list[Verdict | DecodeError], float]:
         """A verdict per item, or the reason it cannot have one.
@@ -329,9 +338,9 @@ class Pipeline:
         return Outgoing(decision.topic, value, record.key, headers, kind, record, decision.category)
 
 
-def build_pipeline(settings: Settings, *, shadow: bool = True) -> Pipeline:
+def build_pipeline(settings: Settings, *, shadow: bool = True, tracing: Propagator | None = None) -> Pipeline:
     """Load the bundle named by the settings (and the shadow bundle, if any and `shadow`) and wire
-    classifier, router and pipeline."""
+    classifier, router and pipeline; `tracing` decides the trace context of what is written."""
     classifier, router = _load(settings, settings.model.path)
     candidate = None
     if shadow and settings.shadow.model_path is not None:
@@ -344,6 +353,7 @@ def build_pipeline(settings: Settings, *, shadow: bool = True) -> Pipeline:
         max_output_bytes=settings.limits.max_output_bytes,
         dead_letter_truncated=settings.limits.over_max_chunks == "dead_letter",
         shadow=candidate,
+        tracing=tracing,
     )
 
 
