@@ -30,7 +30,7 @@ class Fleet:
 
     bootstrap: str
     direct: str
-    bundle: Path
+    bundle: Path | None  # None: the model shipped in the package
     tmp: Path
     partitions: int
     replication: int = 1
@@ -49,7 +49,7 @@ class Fleet:
     def env(self, instance: str) -> dict[str, str]:
         return {
             **self.topics.env(self.bootstrap),
-            "CW_MODEL__PATH": str(self.bundle),
+            **({"CW_MODEL__PATH": str(self.bundle)} if self.bundle else {}),
             "CW_KAFKA__INSTANCE_ID": instance,
             "CW_LIMITS__MAX_INPUT_BYTES": str(scenario.MAX_INPUT_BYTES),
             "CW_TOPICS__PARTITIONS": str(self.partitions),
