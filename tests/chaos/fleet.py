@@ -120,6 +120,7 @@ class Fleet:
         while self.progress(total) < fraction:
             assert time.monotonic() < deadline, f"stuck below {fraction:.0%} of {total}; events: {self.events}"
             time.sleep(0.3)
+        self.note(f"{fraction:.0%} committed")
 
 
 class Feed:

@@ -34,6 +34,10 @@ PARTITIONS = 3
 #: The workers' per-call timeout is 30 s (worker.kafka_util.CALL_TIMEOUT_S): a stall of 40 s is
 #: past it and inside the 60 s transaction timeout (issue 25's acceptance scenario).
 STALL_S = 40.0
+#: EndTxn alone, stalled past the 30 s call timeout but answered before the 40 s watchdog
+#: (CALL_TIMEOUT_S + WEDGED_GRACE_S) ends the worker: librdkafka then holds a resumable commit.
+END_TXN = frozenset({26})
+RESUMABLE_STALL_S = 35.0
 
 
 @dataclass(frozen=True)
@@ -41,11 +45,20 @@ class Case:
     fault: Fault
     #: how long the fault stays injected once it has fired at least once
     hold_s: float
+    #: an engine defect this case reproduces, fixed on another branch: xfail until then
+    known_defect: str | None = None
 
 
 CASES = {
     "latency-250ms-all": Case(Fault("latency", latency_s=0.25), hold_s=10),
     "stall-commits-past-call-timeout": Case(Fault("stall", COMMITS), hold_s=STALL_S),
+    "stall-endtxn-resumable": Case(
+        Fault("stall", END_TXN),
+        hold_s=RESUMABLE_STALL_S,
+        known_defect="issue 25 defect 1: after commit_transaction times out and the broker answers again, the engine"
+        " aborts instead of resuming the commit; every abort fails with 'Conflicting commit_transaction API call'"
+        " and the worker neither progresses nor exits (docs/reliability.md, found, not fixed)",
+    ),
     "stall-fetches-past-call-timeout": Case(Fault("stall", FETCH), hold_s=STALL_S),
     "reset-commits": Case(Fault("reset", COMMITS, limit=3), hold_s=5),
     "reset-fetches": Case(Fault("reset", FETCH, limit=3), hold_s=5),
@@ -70,7 +83,13 @@ def wait_applied(proxy: FaultProxy, kind: str, timeout_s: float = 60) -> None:
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=pytest.mark.xfail(reason=c.known_defect, strict=False) if c.known_defect else ())
+        for n, c in CASES.items()
+    ],
+)
 def test_fault_on_the_wire_loses_and_duplicates_nothing(
     proxied: tuple[str, FaultProxy], tiny_bundle: Path, tmp_path: Path, name: str
 ) -> None:
