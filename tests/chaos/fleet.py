@@ -23,6 +23,11 @@ from tests.support.kafka import TopicSet
 CATEGORIES = ["banking", "travel", "weather"]
 
 
+class WorkerCrashedError(Exception):
+    """A worker died of a signal the test did not send (e.g. SIGSEGV): exactly-once may still
+    hold, since its restart fences the transaction, but a worker must not crash on a fault."""
+
+
 @dataclass
 class Fleet:
     """Workers `w1`, `w2`, … of one group; `bootstrap` is what workers use (maybe a proxy),
@@ -56,6 +61,8 @@ class Fleet:
             "CW_TOPICS__REPLICATION": str(self.replication),
             "CW_METRICS__PORT": "0",
             "CW_BATCH__MAX_ITEMS": "64",
+            # a worker killed by a signal it did not get from us (SIGSEGV) leaves its stack in its log
+            "PYTHONFAULTHANDLER": "1",
             **self.extra_env,
         }
 
@@ -94,6 +101,13 @@ class Fleet:
                         self.note(f"{instance} exited rc={w.returncode}, restarted")
                         self.workers[instance] = start_worker(self.env(instance), self.tmp / f"{instance}.log")
             time.sleep(0.5)
+
+    def assert_no_crash(self) -> None:
+        """Exit 1 (a wedged client, on purpose) is allowed; death by a signal is not."""
+        crashes = {rc: n for rc, n in self.exits.items() if rc < 0}
+        if crashes:
+            logs = sorted(self.tmp.glob("w*.log"))
+            raise WorkerCrashedError(f"workers died of signals {crashes} (rc: count); see {logs}; events {self.events}")
 
     def stop_all(self) -> None:
         self._supervising = False
@@ -177,4 +191,5 @@ def verdict(fleet: Fleet, expected: dict[str, scenario.Expected], sent: Sent) ->
     assert fleet.committed() == sent.ends, "group's committed offsets must equal the input end offsets"
     # a killed broker's transactions are rolled back by the new coordinator a moment later
     assert wait_until(lambda: open_transactions(fleet.direct, fleet.outputs), 60) == [], "an open transaction"
+    fleet.assert_no_crash()
     return len(received), dups
