@@ -52,7 +52,7 @@ test: $(VENV)/.dev .tools/helm $(KAFKA_LIBS)/.fetched ## the whole suite: unit, 
 test-unit: $(VENV)/.dev ## unit tests only (no broker)
 	$(PY) -m pytest -m "not integration"
 
-chaos: $(VENV)/.dev $(KAFKA_LIBS)/.fetched ## chaos, longer (100,000 messages), + fault proxy and 3-broker cluster (~25 min)
+chaos: $(VENV)/.dev $(KAFKA_LIBS)/.fetched ## chaos test with 100,000 messages, the fault-proxy tests and the 3-broker cluster test
 	CHAOS_MESSAGES=100000 $(PY) -m pytest -m chaos -s
 
 SOAK_MINUTES ?= 30

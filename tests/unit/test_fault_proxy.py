@@ -27,7 +27,7 @@ class _Echo(socketserver.BaseRequestHandler):
 def proxy() -> Iterator[FaultProxy]:
     server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Echo)
     server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     with FaultProxy(("127.0.0.1", server.server_address[1])) as p:
         yield p
     server.shutdown()
@@ -41,8 +41,7 @@ def frame(api_key: int, body: bytes = b"payload") -> bytes:
 
 
 def connect(p: FaultProxy, timeout_s: float = 2.0) -> socket.socket:
-    s = socket.create_connection(("127.0.0.1", p.port), timeout=timeout_s)
-    return s
+    return socket.create_connection(("127.0.0.1", p.port), timeout=timeout_s)
 
 
 def roundtrip(s: socket.socket, api_key: int) -> bytes:
