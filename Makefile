@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
 .DEFAULT_GOAL := help
-.PHONY: help demo test test-unit chaos lint bench schemas clean kafka
+.PHONY: help demo test test-unit chaos soak lint bench schemas clean kafka
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -60,8 +60,12 @@ test: $(VENV)/.dev .tools/helm $(KAFKA_LIBS)/.fetched $(NODE_DEPS) ## the whole 
 test-unit: $(VENV)/.dev ## unit tests only (no broker)
 	$(PY) -m pytest -m "not integration"
 
-chaos: $(VENV)/.dev $(KAFKA_LIBS)/.fetched ## the chaos test, longer: 100,000 messages per delivery mode
+chaos: $(VENV)/.dev $(KAFKA_LIBS)/.fetched ## chaos test with 100,000 messages, the fault-proxy tests and the 3-broker cluster test
 	CHAOS_MESSAGES=100000 $(PY) -m pytest -m chaos -s
+
+SOAK_MINUTES ?= 30
+soak: $(VENV)/.dev $(KAFKA_LIBS)/.fetched ## half load for SOAK_MINUTES (30) with kills and a broker freeze; memory watched
+	SOAK_MINUTES=$(SOAK_MINUTES) $(PY) -m pytest -m soak -s
 
 lint: $(VENV)/.dev ## ruff + mypy (strict on worker/ and devkit/)
 	$(VENV)/bin/ruff check worker devkit tests bench

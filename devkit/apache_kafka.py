@@ -102,9 +102,18 @@ class LocalKafka:
         properties: Mapping[str, str] | None = None,
         listeners: Mapping[str, tuple[int, str]] | None = None,
         jvm_opts: list[str] | None = None,
+        *,
+        node_id: int = 1,
+        controller_port: int | None = None,
+        voters: str | None = None,
+        cluster_id: str | None = None,
     ) -> None:
         self.port = port or free_port()
-        self.controller_port = free_port()
+        self.controller_port = controller_port or free_port()
+        self.node_id = node_id
+        #: a cluster's nodes share the quorum and the cluster id (`KafkaCluster`); alone, it is its own quorum
+        self._voters = voters or f"{node_id}@127.0.0.1:{self.controller_port}"
+        self._cluster_id = cluster_id
         self.bootstrap = f"127.0.0.1:{self.port}"
         self._own_dir = data_dir is None
         self.data_dir = data_dir or Path(tempfile.mkdtemp(prefix="kafka-"))
@@ -128,8 +137,8 @@ class LocalKafka:
         listeners = {"PLAINTEXT": (self.port, "PLAINTEXT"), **self._listeners}
         return {
             "process.roles": "broker,controller",
-            "node.id": "1",
-            "controller.quorum.voters": f"1@127.0.0.1:{self.controller_port}",
+            "node.id": str(self.node_id),
+            "controller.quorum.voters": self._voters,
             "controller.listener.names": "CONTROLLER",
             "inter.broker.listener.name": "PLAINTEXT",
             "listeners": ",".join(
@@ -169,7 +178,8 @@ class LocalKafka:
         return [java, *JVM_OPTS, *self._jvm_opts, log4j, "-cp", f"{ensure_jars()}/*", main, *args]
 
     def _format(self, props_file: Path) -> None:
-        cmd = self._java("kafka.tools.StorageTool", "format", "-t", _cluster_id(), "-c", str(props_file))
+        cluster_id = self._cluster_id or _cluster_id()
+        cmd = self._java("kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props_file))
         with self.log_file.open("ab") as out:
             done = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, check=False)  # noqa: S603
         if done.returncode != 0:
@@ -178,6 +188,13 @@ class LocalKafka:
 
     def start(self) -> LocalKafka:
         """Start (or restart on the same data directory) and return once clients can use it."""
+        self.launch()
+        self._wait_ready()
+        return self
+
+    def launch(self) -> None:
+        """Format once and start the JVM, without waiting: a cluster's nodes must all be
+        launched before any of them can elect a controller and answer."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         props_file = self.data_dir / "server.properties"
         props_file.write_text("".join(f"{k}={v}\n" for k, v in self.server_properties().items()))
@@ -190,10 +207,9 @@ class LocalKafka:
             )
         finally:
             out.close()
-        self._wait_ready()
-        return self
 
-    def _wait_ready(self) -> None:
+    def _wait_ready(self, brokers: int = 1) -> None:
+        """Until this node's listener answers metadata naming at least `brokers` live brokers."""
         from confluent_kafka.admin import AdminClient
 
         # log_level 0: "connection refused" while the JVM starts is expected, not worth a line
@@ -204,7 +220,7 @@ class LocalKafka:
                 tail = self.log_file.read_text(errors="replace")[-3000:]
                 raise KafkaStartError(f"Kafka exited with {self._proc.returncode} while starting:\n{tail}")
             with contextlib.suppress(Exception):
-                if admin.list_topics(timeout=2.0).brokers:
+                if len(admin.list_topics(timeout=2.0).brokers) >= brokers:
                     return
             time.sleep(0.3)
         self.stop()
@@ -240,6 +256,110 @@ class LocalKafka:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+#: Three JVMs and the workers share 2 cores and a few GiB: a smaller heap than a single broker's,
+#: one processor's worth of GC and JIT threads, and the quick C1 compiler only (a test cluster
+#: lives minutes, never long enough for C2 to pay back its compile time).
+CLUSTER_JVM_OPTS = ["-Xms128m", "-Xmx448m", "-XX:ActiveProcessorCount=1", "-XX:TieredStopAtLevel=1"]
+
+
+class KafkaCluster:
+    """`with KafkaCluster(data_dir) as c: c.bootstrap` — `size` combined broker + controller
+    nodes (KRaft quorum of all of them), every topic at replication `size` with
+    `min.insync.replicas` 2 by default, so one node can die without stopping writes.
+
+    `kill(node_id)` is a `kill -9`; `restart(node_id)` brings it back on its data directory.
+    `leader_of` and `transaction_coordinator` say, from the cluster's own metadata, which node
+    to kill."""
+
+    def __init__(self, data_dir: Path, size: int = 3, properties: Mapping[str, str] | None = None) -> None:
+        ports = [(free_port(), free_port()) for _ in range(size)]
+        voters = ",".join(f"{i + 1}@127.0.0.1:{ctl}" for i, (_, ctl) in enumerate(ports))
+        replicated = {
+            "default.replication.factor": str(size),
+            "min.insync.replicas": str(min(2, size)),
+            "offsets.topic.replication.factor": str(size),
+            "transaction.state.log.replication.factor": str(size),
+            "transaction.state.log.min.isr": str(min(2, size)),
+            "share.coordinator.state.topic.replication.factor": str(size),
+            "share.coordinator.state.topic.min.isr": str(min(2, size)),
+            **(properties or {}),
+        }
+        cluster_id = _cluster_id()
+        self.nodes = {
+            i + 1: LocalKafka(
+                port=port,
+                data_dir=data_dir / f"node-{i + 1}",
+                properties=replicated,
+                jvm_opts=CLUSTER_JVM_OPTS,
+                node_id=i + 1,
+                controller_port=ctl,
+                voters=voters,
+                cluster_id=cluster_id,
+            )
+            for i, (port, ctl) in enumerate(ports)
+        }
+        self.bootstrap = ",".join(n.bootstrap for n in self.nodes.values())
+        self.transaction_partitions = int(replicated.get("transaction.state.log.num.partitions", "6"))
+
+    def start(self) -> KafkaCluster:
+        for node in self.nodes.values():
+            node.launch()
+        for node in self.nodes.values():
+            node._wait_ready(brokers=len(self.nodes))
+        return self
+
+    def kill(self, node_id: int) -> None:
+        self.nodes[node_id].kill()
+
+    def restart(self, node_id: int) -> None:
+        node = self.nodes[node_id]
+        node.launch()
+        node._wait_ready(brokers=len(self.nodes))
+
+    def leader_of(self, topic: str, partition: int) -> int:
+        from confluent_kafka.admin import AdminClient
+
+        meta = AdminClient({"bootstrap.servers": self.bootstrap}).list_topics(topic, timeout=10)
+        return int(meta.topics[topic].partitions[partition].leader)
+
+    def transaction_coordinator(self, transactional_id: str) -> int:
+        """The leader of the `__transaction_state` partition that owns `transactional_id`, as
+        the broker picks it (`TransactionStateManager.partitionFor`: Java's `String.hashCode`,
+        made non-negative, modulo the partition count)."""
+        partition = _java_abs(_java_hash(transactional_id)) % self.transaction_partitions
+        return self.leader_of("__transaction_state", partition)
+
+    def close(self) -> None:
+        for node in self.nodes.values():
+            node.close()
+
+    def __enter__(self) -> KafkaCluster:
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def _java_hash(text: str) -> int:
+    """Java's `String.hashCode`: over UTF-16 code units, in 32-bit signed arithmetic."""
+    h = 0
+    units = text.encode("utf-16-be")
+    for i in range(0, len(units), 2):
+        h = (31 * h + int.from_bytes(units[i : i + 2], "big")) & 0xFFFFFFFF
+    return h - (1 << 32) if h >= 1 << 31 else h
+
+
+def _java_abs(n: int) -> int:
+    """Kafka's `Utils.abs`: `Integer.MIN_VALUE` maps to 0, where `Math.abs` would overflow."""
+    return 0 if n == -(1 << 31) else abs(n)
 
 
 def main(argv: list[str] | None = None) -> int:
