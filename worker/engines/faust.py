@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -28,11 +29,12 @@ import ssl
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, cast
 
 import faust
 from aiokafka.errors import BrokerResponseError
 from confluent_kafka import KafkaError
+from faust.transport.drivers import aiokafka as aiokafka_driver
 
 from worker.config import SECURITY_KEYS, KafkaSecurity, Settings
 from worker.errors import ConfigError, InferenceError
@@ -64,6 +66,47 @@ def create_app(settings: Settings) -> faust.App:
         store="memory://",
         **_credentials(settings),
     )
+
+
+def consumer_overrides(settings: Settings) -> dict[str, Any]:
+    """The aiokafka consumer arguments Faust does not take from its settings: the isolation
+    level (Faust reads committed only under its own exactly-once guarantee; we always do, so an
+    aborted or still-open transaction upstream is never routed)."""
+    return {"isolation_level": "read_committed"}
+
+
+class _Consumer(aiokafka_driver.Consumer):
+    """Faust's aiokafka consumer, with `overrides` applied to the aiokafka consumer it creates."""
+
+    def __init__(self, *args: Any, overrides: dict[str, Any], **kwargs: Any) -> None:
+        self.overrides = overrides  # before super(): it creates the consumer thread
+        super().__init__(*args, **kwargs)
+
+    def _new_consumer_thread(self) -> aiokafka_driver.AIOKafkaConsumerThread:
+        return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+
+class _ConsumerThread(aiokafka_driver.AIOKafkaConsumerThread):
+    def _create_worker_consumer(self, transport: aiokafka_driver.Transport) -> Any:
+        """Faust builds the aiokafka consumer from its settings with a fixed isolation level
+        and fetch wait; these are read only when the consumer starts (its fetcher), so they are
+        set on the consumer between its creation and its start. A renamed attribute in a later
+        aiokafka fails here, loudly, instead of being ignored."""
+        consumer = super()._create_worker_consumer(transport)
+        for name, value in cast(_Consumer, self.consumer).overrides.items():
+            if not hasattr(consumer, f"_{name}"):
+                raise ConfigError(f"this aiokafka has no consumer setting {name}: cannot apply it")
+            setattr(consumer, f"_{name}", value)
+        return consumer
+
+
+def _install_consumer(app: faust.App, overrides: dict[str, Any]) -> None:
+    """Make the app's consumer ours. The consumer is shared by every agent of the app, so an
+    embedding app's other agents read committed data too (what a transactional upstream means)."""
+    transport = app.transport
+    if not isinstance(transport, aiokafka_driver.Transport):
+        raise ConfigError(f"the faust engine needs Faust's aiokafka transport (kafka://), not {type(transport)}")
+    transport.Consumer = functools.partial(_Consumer, overrides=overrides)  # type: ignore[misc,assignment]  # this app only
 
 
 def _credentials(settings: Settings) -> dict[str, Any]:
@@ -120,6 +163,7 @@ class FaustClassifier:
         self._resources = Resources.of(settings, required_topics(settings, pipeline.router))
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="classify")
         self._topics: dict[str, faust.TopicT] = {}
+        _install_consumer(app, consumer_overrides(settings))
         self._source = self._raw_topic(settings.topics.input)
         self.agent = app.agent(self._source, name="classify-worker")(self._classify)
         app.on_partitions_assigned.connect(self._on_assigned)  # type: ignore[arg-type]  # mode's stub is narrower
