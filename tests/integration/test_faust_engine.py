@@ -13,7 +13,10 @@ from confluent_kafka import Producer
 
 from devkit.toolkit import read_outputs, start_worker
 from tests.support import scenario
-from tests.support.kafka import TopicSet, create_topic
+from tests.support.kafka import TopicSet, create_topic, produce
+from worker.config import load_settings
+from worker.pipeline import build_pipeline
+from worker.records import Record
 
 pytest.importorskip("faust", reason="needs the [faust] extra")
 pytestmark = pytest.mark.integration
@@ -72,3 +75,54 @@ def test_only_committed_input_is_routed(kafka_bootstrap: str, tiny_bundle: Path,
     routed_aborted = [k for k in keys if k.startswith("aborted-")]
     assert routed_aborted == [], f"{len(routed_aborted)} aborted messages routed: {routed_aborted[:5]}"
     assert keys == sorted(k.decode() for k, _ in committed), f"routed {keys}"
+
+
+#: aiokafka refuses a record whose estimated size (value, key, headers, overhead) passes the
+#: producer's max_request_size (Faust's default: 1,000,000 bytes) before sending it.
+PRODUCER_LIMIT = 1_000_000
+
+
+def _routed_size(bundle: Path, value: bytes) -> int:
+    """What the pipeline makes of `value`: the routed output's size (sizing the input only)."""
+    settings = load_settings(model={"path": bundle})
+    (out,) = build_pipeline(settings).process([Record(value, b"key")]).outgoing
+    assert out.kind == "routed", out
+    return len(out.value or b"")
+
+
+def _oversized_output(bundle: Path) -> bytes:
+    """A valid input whose routed value is just under the pipeline's 1,000,000-byte output limit,
+    so only the producer (its headers on top) finds it too large."""
+    text, _ = scenario.VALID[0]
+    build = lambda pad: json.dumps({"id": "huge", "text": text, "meta": {"pad": "x" * pad}}).encode()  # noqa: E731
+    overhead = _routed_size(bundle, build(0))
+    value = build(PRODUCER_LIMIT - 60 - overhead)
+    assert PRODUCER_LIMIT - 100 < _routed_size(bundle, value) <= PRODUCER_LIMIT
+    return value
+
+
+def test_an_output_too_large_for_the_producer_loses_nothing(
+    kafka_bootstrap: str, tiny_bundle: Path, tmp_path: Path
+) -> None:
+    # Given 300 messages and, in the middle of a batch, one whose routed output the producer refuses
+    topics = TopicSet.fresh()
+    create_topic(kafka_bootstrap, topics.input, 1)
+    messages, expected = scenario.build(300)
+    # (without the scenario's own too-large input: the input limit here lets the huge one in)
+    expected = {k: e for k, e in expected.items() if e.reason != "too_large"}
+    messages = [m for m in messages if (m[0] or b"").decode() in expected]
+    huge = (b"huge", _oversized_output(tiny_bundle), [("trace-id", b"huge"), ("tenant", b"acme")])
+    produce(kafka_bootstrap, topics.input, [*messages[:120], huge, *messages[120:]])
+
+    # When the Faust engine runs in batches of 50 until the stream is idle
+    env = _env(topics, kafka_bootstrap, tiny_bundle, CW_BATCH__MAX_ITEMS="50", CW_LIMITS__MAX_INPUT_BYTES="1000000")
+    log = tmp_path / "faust.log"
+    worker = start_worker(env, log, "--engine", "faust", "--idle-exit", "4")
+    assert worker.wait(120) == 0, log.read_text()[-3000:]
+
+    # Then every other message was routed, and the huge one dead-lettered without its body
+    received = read_outputs(kafka_bootstrap, topics.outputs(CATEGORIES), expect=len(expected) + 1)
+    dead = [r for r in received if r.key == b"huge"]
+    scenario.check([r for r in received if r.key != b"huge"], expected, topics.prefix, topics.dlq, exactly_once=False)
+    assert [(r.topic, r.value, r.headers.get("error.reason")) for r in dead] == [(topics.dlq, None, b"too_large")]
+    assert dead[0].headers.get("trace-id") == b"huge" and dead[0].headers.get("source.offset") == b"120"

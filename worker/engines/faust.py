@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -32,17 +33,23 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
 
 import faust
-from aiokafka.errors import BrokerResponseError
+from aiokafka.errors import (
+    BrokerResponseError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    RecordTooLargeError,
+)
 from confluent_kafka import KafkaError
+from faust.exceptions import ProducerSendError
 from faust.transport.drivers import aiokafka as aiokafka_driver
 
 from worker.config import SECURITY_KEYS, KafkaSecurity, Settings
-from worker.errors import ConfigError, InferenceError
+from worker.errors import ConfigError, DeliveryError, InferenceError
 from worker.kafka_errors import Resources, check_access, check_consumer_access, explain
 from worker.kafka_util import Backoff
 from worker.observability import Hooks
-from worker.pipeline import Pipeline
-from worker.records import Record
+from worker.pipeline import Pipeline, dead_letter
+from worker.records import Outgoing, Record
 from worker.topics import ensure_for, required_topics
 
 log = logging.getLogger(__name__)
@@ -194,21 +201,75 @@ class FaustClassifier:
     async def _classify(self, stream: Any) -> None:  # faust.Stream: take_events is not on StreamT
         batch = self.settings.batch
         async for events in stream.take_events(batch.max_items, within=batch.max_wait_ms / 1000 or 0.001):
-            self.hooks.on_loop()
-            records = [_record(e.message) for e in events]
-            outcome = await self._process_until_it_works(records)
-            sends = [
-                await self._topic(o.topic).send(key=o.key, value=o.value, headers=[(k, v or b"") for k, v in o.headers])
-                for o in outcome.outgoing
-            ]
+            delivered = False
             try:
-                await asyncio.gather(*sends)  # every output acknowledged before these offsets are acked
-            except BrokerResponseError as e:
-                self._exit_if_refused(e)
-                raise
+                self.hooks.on_loop()
+                records = [_record(e.message) for e in events]
+                outcome = await self._process_until_it_works(records)
+                sent = await self._deliver(outcome.outgoing)
+                delivered = True
+            finally:
+                if not delivered:  # an error, a refusal or a shutdown mid-batch
+                    _withhold_acks(events)
             self.hooks.on_batch(outcome)
-            self.hooks.on_committed(outcome.outgoing, int(time.time() * 1000))
+            self.hooks.on_committed(sent, int(time.time() * 1000))
             self.processed += len(records)
+
+    async def _deliver(self, outgoing: list[Outgoing]) -> list[Outgoing]:
+        """Send every output and wait until each is acknowledged, retrying what failed (with
+        backoff) until it is; returns what was delivered. An output found too large (by the
+        producer, or by the broker, which judges a whole batch) is sent again on its own, then,
+        still too large, replaced by a dead letter without its body. Only a refusal (a missing
+        ACL) or a record too large even without its body gives up, by raising."""
+        backoff = Backoff(self.hooks.on_loop)
+        delivered: list[Outgoing] = []
+        pending = [(out, False) for out in outgoing]  # (output, send it on its own)
+        while pending:
+            failed = await self._send_all(pending)
+            delivered += [out for out, _ in pending if all(out is not f for f, _, _ in failed)]
+            pending, transient = [], None
+            for out, alone, error in failed:
+                if isinstance(error, TOO_LARGE):
+                    pending.append(
+                        (_too_large_dead_letter(out, self.settings.topics.dlq, error), True) if alone else (out, True)
+                    )
+                    continue
+                if isinstance(error, BrokerResponseError):
+                    self._exit_if_refused(error)
+                pending.append((out, alone))
+                transient = error
+            if transient is not None:
+                delay_s = backoff.step()
+                log.warning(
+                    "outputs not delivered; retrying",
+                    extra={"error": repr(transient), "outputs": len(pending), "retry_in_s": delay_s},
+                )
+                self.hooks.on_batch_failed("delivery")
+                await asyncio.sleep(delay_s)
+        return delivered
+
+    async def _send_all(self, pending: list[tuple[Outgoing, bool]]) -> list[tuple[Outgoing, bool, Exception]]:
+        """Send `pending` (together, then those marked to go alone one by one); what failed."""
+        together = [out for out, alone in pending if not alone]
+        results = await asyncio.gather(*map(self._send, together), return_exceptions=True)
+        failed = []
+        for out, result in zip(together, results, strict=True):
+            if isinstance(result, asyncio.CancelledError):
+                raise result
+            if isinstance(result, Exception):
+                failed.append((out, False, _cause(result)))
+        for out in (out for out, alone in pending if alone):  # one record per produce request
+            try:
+                await self._send(out)
+            except Exception as e:
+                failed.append((out, True, _cause(e)))
+        return failed
+
+    async def _send(self, out: Outgoing) -> None:
+        # force: sent now, not attached to the current event (Faust's stream_publish_on_commit)
+        headers = [(k, v or b"") for k, v in out.headers]
+        sent = await self._topic(out.topic).send(key=out.key, value=out.value, headers=headers, force=True)
+        await sent
 
     def _exit_if_refused(self, e: BrokerResponseError) -> None:
         """A send the cluster refused (aiokafka's errno is Kafka's error code) ends the process
@@ -237,6 +298,37 @@ class FaustClassifier:
                 log.error("classifier failed on a batch; will retry", extra={"error": str(e), "size": len(records)})
                 self.hooks.on_batch_failed("inference")
                 await asyncio.sleep(backoff.step())
+
+
+#: What aiokafka raises for a record too large: the producer's own check (max_request_size), or
+#: the broker's (the topic's max.message.bytes, for a record or a whole batch).
+TOO_LARGE = (MessageSizeTooLargeError, RecordListTooLargeError, RecordTooLargeError)
+
+
+def _cause(e: Exception) -> Exception:
+    """aiokafka's error inside Faust's `ProducerSendError`."""
+    cause = e.__cause__
+    return cause if isinstance(e, ProducerSendError) and isinstance(cause, Exception) else e
+
+
+def _too_large_dead_letter(out: Outgoing, dlq: str, error: Exception) -> Outgoing:
+    """The dead letter of an output Kafka will not take: the source's key and headers, no body
+    (which is what was too large). Raises when even that is refused."""
+    if out.kind == "dead_letter" and out.value is None and out.detail == "too_large":
+        raise DeliveryError(f"a dead letter to {dlq} is too large even without its body: {error!r}")
+    source = dataclasses.replace(out.source, value=None)
+    message = f"the {out.kind} output to {out.topic} is too large for Kafka ({type(error).__name__})"
+    return dead_letter(source, dlq, "too_large", message)
+
+
+def _withhold_acks(events: Any) -> None:
+    """Keep Faust from committing these events' offsets. `take_events` acknowledges every event
+    of a batch when the agent leaves it, even by an exception or a cancellation; an event whose
+    message is already marked acknowledged is skipped there, so its offset never reaches the
+    consumer's acknowledged set, and Faust commits each partition only up to its first offset
+    not acknowledged. The batch is consumed again after a restart or a rebalance."""
+    for event in events:
+        event.message.acked = True
 
 
 def _record(message: Any) -> Record:
