@@ -27,10 +27,10 @@ import logging
 import os
 import signal
 import ssl
-import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 import faust
 from aiokafka.errors import (
@@ -44,7 +44,7 @@ from faust.exceptions import ProducerSendError
 from faust.transport.drivers import aiokafka as aiokafka_driver
 
 from worker.config import SECURITY_KEYS, KafkaSecurity, Settings
-from worker.errors import ConfigError, DeliveryError, InferenceError
+from worker.errors import ConfigError, DeliveryError, InferenceError, KafkaAccessError, WorkerError
 from worker.kafka_errors import Resources, check_access, check_consumer_access, explain
 from worker.kafka_util import Backoff
 from worker.observability import Hooks
@@ -71,6 +71,9 @@ def create_app(settings: Settings) -> faust.App:
         consumer_auto_offset_reset="earliest",
         broker_session_timeout=settings.kafka.session_timeout_ms / 1000,
         store="memory://",
+        # A stop commits what was acknowledged and no more: waiting for every fetched message to
+        # be acknowledged first would wait forever for a batch the classifier withheld.
+        stream_wait_empty=False,
         **_credentials(settings),
     )
 
@@ -159,14 +162,28 @@ def _tls_context(sec: KafkaSecurity) -> ssl.SSLContext:
 
 
 class FaustClassifier:
-    """Adds the classification agent to a Faust app: `FaustClassifier(app, settings, pipeline)`."""
+    """Adds the classification agent to a Faust app: `FaustClassifier(app, settings, pipeline)`.
 
-    def __init__(self, app: faust.App, settings: Settings, pipeline: Pipeline, hooks: Hooks | None = None) -> None:
+    Embeddable: it never ends the process. When the cluster refuses it (`KafkaAccessError`) or
+    an unexpected error occurs, the agent stops without acknowledging the batch in hand, sets
+    `error` and calls `on_error(error)`; the app and its other agents run on."""
+
+    def __init__(
+        self,
+        app: faust.App,
+        settings: Settings,
+        pipeline: Pipeline,
+        hooks: Hooks | None = None,
+        on_error: Callable[[Exception], None] | None = None,
+    ) -> None:
         self.app = app
         self.settings = settings
         self.pipeline = pipeline
         self.hooks = hooks or Hooks()
         self.processed = 0
+        #: Why the agent stopped (`KafkaAccessError` when the cluster refused it), else None.
+        self.error: Exception | None = None
+        self._on_error = on_error
         self._resources = Resources.of(settings, required_topics(settings, pipeline.router))
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="classify")
         self._topics: dict[str, faust.TopicT] = {}
@@ -199,6 +216,12 @@ class FaustClassifier:
         return self._topics[name]
 
     async def _classify(self, stream: Any) -> None:  # faust.Stream: take_events is not on StreamT
+        """The agent. Faust acknowledges what the stream yields whenever it is iterated with acks
+        on, so the agent iterates a `noack()` stream and acknowledges each batch itself (in
+        `take_events`) only after its outputs are delivered."""
+        await self._batches(stream.noack())
+
+    async def _batches(self, stream: Any) -> None:
         batch = self.settings.batch
         async for events in stream.take_events(batch.max_items, within=batch.max_wait_ms / 1000 or 0.001):
             delivered = False
@@ -208,6 +231,8 @@ class FaustClassifier:
                 outcome = await self._process_until_it_works(records)
                 sent = await self._deliver(outcome.outgoing)
                 delivered = True
+            except Exception as e:
+                await self._stop_for_good(e)
             finally:
                 if not delivered:  # an error, a refusal or a shutdown mid-batch
                     _withhold_acks(events)
@@ -235,7 +260,7 @@ class FaustClassifier:
                     )
                     continue
                 if isinstance(error, BrokerResponseError):
-                    self._exit_if_refused(error)
+                    self._raise_if_refused(error)
                 pending.append((out, alone))
                 transient = error
             if transient is not None:
@@ -271,22 +296,26 @@ class FaustClassifier:
         sent = await self._topic(out.topic).send(key=out.key, value=out.value, headers=headers, force=True)
         await sent
 
-    def _exit_if_refused(self, e: BrokerResponseError) -> None:
-        """A send the cluster refused (aiokafka's errno is Kafka's error code) ends the process
-        at once, as a crash would, printing the CLI's refusal line and exiting with its code.
-
-        Not a graceful stop: `take_events` acknowledges a batch when the agent leaves it, even by
-        an exception or a cancellation, and Faust would then commit offsets whose outputs were
-        refused. Exiting here leaves the batch unacknowledged, so a restart sends it again."""
-        from worker.cli import EXIT_ACCESS
-
+    def _raise_if_refused(self, e: BrokerResponseError) -> None:
+        """`KafkaAccessError` naming the missing ACL when the cluster refused a send (aiokafka's
+        errno is Kafka's error code): retrying cannot help."""
         named = [a for a in e.args if isinstance(a, str) and a in self._resources.outputs]  # aiokafka's topic
         cause = explain(KafkaError(e.errno, str(e)), self._resources, "producer", named)
-        if cause is None:
-            return
-        sys.stderr.write(f"classify-worker: Kafka refused the worker: {cause}\n")
-        sys.stderr.flush()
-        os._exit(EXIT_ACCESS)
+        if cause is not None:
+            raise KafkaAccessError(cause) from e
+
+    async def _stop_for_good(self, e: Exception) -> NoReturn:
+        """A refusal or an unexpected error: the agent stops processing for good, the batch in
+        hand unacknowledged, and the error goes to whoever embeds it (`error`, `on_error`); the
+        process and the app's other agents run on. The agent then waits, inside the batch, until
+        the app stops: leaving it would let `take_events` take (and later acknowledge) more, and
+        raising would have Faust's supervisor restart the agent past the withheld batch."""
+        self.error = e
+        log.error("classifier agent stopped", extra={"error": str(e)}, exc_info=not isinstance(e, WorkerError))
+        if self._on_error is not None:
+            self._on_error(e)
+        await asyncio.Event().wait()  # cancelled when the app stops
+        raise AssertionError("unreachable: nothing sets this event")
 
     async def _process_until_it_works(self, records: list[Record]) -> Any:
         backoff = Backoff()
@@ -359,7 +388,7 @@ def run(
     if settings.topics.auto_create:
         ensure_for(settings, pipeline.router)
     check_consumer_access(settings)  # aiokafka would retry a refused group or topic in silence
-    classifier = FaustClassifier(app, settings, pipeline, hooks)
+    classifier = FaustClassifier(app, settings, pipeline, hooks, on_error=lambda _: _graceful_stop())
     state = {"last": time.monotonic(), "seen": 0}
 
     @app.timer(0.5)  # type: ignore[untyped-decorator]
@@ -371,9 +400,16 @@ def run(
         idle = idle_exit_s is not None and time.monotonic() - state["last"] > idle_exit_s
         if done or idle:
             log.info("bounded run finished", extra={"processed": classifier.processed, "idle": idle})
-            os.kill(os.getpid(), signal.SIGTERM)  # mode's own graceful shutdown: commit, leave group
+            _graceful_stop()
 
     worker = mode.Worker(app, loglevel=settings.log_level, override_logging=False, quiet=True)
     with contextlib.suppress(SystemExit):  # mode exits the process's loop with SystemExit(0)
         worker.execute_from_commandline()
+    if classifier.error is not None:
+        raise classifier.error  # the CLI maps it to its exit code
     return classifier.processed
+
+
+def _graceful_stop() -> None:
+    """mode's own graceful shutdown: commit what was acknowledged, leave the group."""
+    os.kill(os.getpid(), signal.SIGTERM)
