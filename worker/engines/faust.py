@@ -28,10 +28,12 @@ import os
 import signal
 import ssl
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NoReturn, cast
 
+import aiokafka.codec
 import faust
 from aiokafka.errors import (
     BrokerResponseError,
@@ -43,16 +45,23 @@ from confluent_kafka import KafkaError
 from faust.exceptions import ProducerSendError
 from faust.transport.drivers import aiokafka as aiokafka_driver
 
-from worker.config import SECURITY_KEYS, KafkaSecurity, Settings
+from worker.config import CONSUMER_FETCH_DEFAULTS, SECURITY_KEYS, KafkaSecurity, LibrdkafkaValue, Settings
+from worker.engines.confluent import Housekeeping
 from worker.errors import ConfigError, DeliveryError, InferenceError, KafkaAccessError, WorkerError
 from worker.kafka_errors import Resources, check_access, check_consumer_access, explain
 from worker.kafka_util import Backoff
 from worker.observability import Hooks
-from worker.pipeline import Pipeline, dead_letter
+from worker.pipeline import Outcome, Pipeline, dead_letter
 from worker.records import Outgoing, Record
 from worker.topics import ensure_for, required_topics
 
 log = logging.getLogger(__name__)
+
+#: How often the liveness stamp is considered (`Health.STALE_AFTER_S` is far longer).
+LIVENESS_INTERVAL_S = 1.0
+#: A batch in hand longer than this is stuck: one classifier call takes well under a second, one
+#: round of sends at most the producer's request timeout (30 s by default) before it is retried.
+STUCK_S = 60.0
 
 #: The SASL mechanisms aiokafka implements with a username and password.
 PASSWORD_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
@@ -60,40 +69,169 @@ PASSWORD_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 
 def create_app(settings: Settings) -> faust.App:
     """A Faust app configured from our settings (raw bytes in and out, no web server, no tables)."""
+    options = kafka_options(settings)
     return faust.App(
         settings.kafka.group_id,
-        broker=f"kafka://{settings.kafka.bootstrap_servers.replace(',', ';kafka://')}",
         key_serializer="raw",
         value_serializer="raw",
         web_enabled=False,
         topic_allow_declare=False,
         topic_disable_leader=True,
-        consumer_auto_offset_reset="earliest",
-        broker_session_timeout=settings.kafka.session_timeout_ms / 1000,
         store="memory://",
         # A stop commits what was acknowledged and no more: waiting for every fetched message to
         # be acknowledged first would wait forever for a batch the classifier withheld.
         stream_wait_empty=False,
+        # One commit per interval, or sooner after this many messages, as the confluent engine
+        broker_commit_interval=settings.commit.interval_ms / 1000,
+        broker_commit_every=settings.commit.max_items,
+        **options.app,
         **_credentials(settings),
     )
 
 
-def consumer_overrides(settings: Settings) -> dict[str, Any]:
-    """The aiokafka consumer arguments Faust does not take from its settings: the isolation
-    level (Faust reads committed only under its own exactly-once guarantee; we always do, so an
-    aborted or still-open transaction upstream is never routed)."""
-    return {"isolation_level": "read_committed"}
+@dataclasses.dataclass(frozen=True)
+class KafkaOptions:
+    """Our Kafka settings in Faust's terms: `faust.App` settings, and the aiokafka consumer
+    arguments Faust has no setting for (`consumer`)."""
+
+    app: dict[str, Any]
+    consumer: dict[str, Any]
+
+
+def _seconds(ms: LibrdkafkaValue) -> float:
+    return float(ms) / 1000
+
+
+def _offset_reset(value: LibrdkafkaValue) -> str:
+    named = {"smallest": "earliest", "beginning": "earliest", "largest": "latest", "end": "latest", "error": "none"}
+    return named.get(str(value), str(value))
+
+
+def _compression(value: LibrdkafkaValue) -> str | None:
+    codec = str(value).lower()
+    if codec == "none":
+        return None
+    if codec not in _CODECS or not _CODECS[codec]():
+        raise ConfigError(
+            f"the faust engine's producer (aiokafka) cannot compress with {codec}: its codec is not installed"
+        )
+    return codec
+
+
+def _acks(value: LibrdkafkaValue) -> int:
+    if str(value).lower() not in ("all", "-1"):
+        raise ConfigError(
+            f"acks={value}: the faust engine's producer is idempotent, which needs acks=all (as librdkafka's)"
+        )
+    return -1
+
+
+_CODECS: dict[str, Callable[[], bool]] = {
+    "gzip": aiokafka.codec.has_gzip,
+    "snappy": aiokafka.codec.has_snappy,
+    "lz4": aiokafka.codec.has_lz4,
+    "zstd": aiokafka.codec.has_zstd,
+}
+
+#: librdkafka property -> (where it applies, Faust app setting or aiokafka consumer argument,
+#: conversion). "consumer" targets are aiokafka consumer arguments Faust has no setting for.
+#: docs/engines.md has this table in words.
+MAPPED: dict[str, tuple[str, tuple[str, ...], Callable[[LibrdkafkaValue], Any]]] = {
+    "bootstrap.servers": ("app", ("broker",), lambda v: "kafka://" + str(v).replace(",", ";kafka://")),
+    "client.id": ("app", ("broker_client_id",), str),
+    "session.timeout.ms": ("app", ("broker_session_timeout",), _seconds),
+    "heartbeat.interval.ms": ("app", ("broker_heartbeat_interval",), _seconds),
+    "max.poll.interval.ms": ("app", ("broker_max_poll_interval",), _seconds),
+    "socket.timeout.ms": ("app", ("broker_request_timeout",), _seconds),
+    "metadata.max.age.ms": ("app", ("consumer_metadata_max_age_ms", "producer_metadata_max_age_ms"), int),
+    "connections.max.idle.ms": ("app", ("consumer_connections_max_idle_ms", "producer_connections_max_idle_ms"), int),
+    "check.crcs": ("app", ("broker_check_crcs",), lambda v: str(v).lower() in ("true", "1")),
+    "auto.offset.reset": ("app", ("consumer_auto_offset_reset",), _offset_reset),
+    "group.instance.id": ("app", ("consumer_group_instance_id",), str),
+    "max.partition.fetch.bytes": ("app", ("consumer_max_fetch_size",), int),
+    "fetch.message.max.bytes": ("app", ("consumer_max_fetch_size",), int),
+    "fetch.wait.max.ms": ("consumer", ("fetch_max_wait_ms",), int),
+    "fetch.min.bytes": ("consumer", ("fetch_min_bytes",), int),
+    "fetch.max.bytes": ("consumer", ("fetch_max_bytes",), int),
+    "linger.ms": ("app", ("producer_linger",), _seconds),
+    "queue.buffering.max.ms": ("app", ("producer_linger",), _seconds),
+    "compression.type": ("app", ("producer_compression_type",), _compression),
+    "compression.codec": ("app", ("producer_compression_type",), _compression),
+    "batch.size": ("app", ("producer_max_batch_size",), int),
+    "message.max.bytes": ("app", ("producer_max_request_size",), int),
+    # aiokafka's producer has one timeout for a produce request and for a record's delivery
+    "request.timeout.ms": ("app", ("producer_request_timeout",), _seconds),
+    "delivery.timeout.ms": ("app", ("producer_request_timeout",), _seconds),
+    "message.timeout.ms": ("app", ("producer_request_timeout",), _seconds),
+    "acks": ("app", ("producer_acks",), _acks),
+    "request.required.acks": ("app", ("producer_acks",), _acks),
+}
+#: Accepted and fixed by the engine whatever their value, as the confluent engine fixes them:
+#: the group is the app's, offsets are committed after delivery, input is read committed, the
+#: producer is idempotent.
+FIXED = frozenset(
+    {"group.id", "enable.auto.commit", "enable.auto.offset.store", "isolation.level", "enable.idempotence"}
+)
+
+
+def kafka_options(settings: Settings) -> KafkaOptions:
+    """Map `CW_KAFKA__*` onto Faust/aiokafka: our defaults first, then `config`, then the
+    consumer- and producer-only sections, as `Settings.librdkafka_*` order them (of two keys
+    with one target, the later wins). `ConfigError` names every setting with no equivalent,
+    rather than run without it."""
+    kafka = settings.kafka
+    given: list[tuple[str, str, LibrdkafkaValue]] = [
+        ("", "bootstrap.servers", kafka.bootstrap_servers),
+        ("", "client.id", f"classify-worker-{kafka.instance_id}"),
+        ("", "session.timeout.ms", kafka.session_timeout_ms),
+        ("", "auto.offset.reset", "earliest"),
+        ("", "linger.ms", 5),
+        # a send failure surfaces within librdkafka's request timeout, not Faust's 20 minutes
+        ("", "request.timeout.ms", 30_000),
+        *(("", k, v) for k, v in CONSUMER_FETCH_DEFAULTS.items()),
+        *(("", k, v) for k, v in kafka.config.items() if k not in SECURITY_KEYS),
+        *(("consumer_config.", k, v) for k, v in kafka.consumer_config.items()),
+        *(("producer_config.", k, v) for k, v in kafka.producer_config.items()),
+    ]
+    unmapped = sorted(f"{where}{k}" for where, k, _ in given if k not in MAPPED and k not in FIXED)
+    if unmapped:
+        raise ConfigError(f"the faust engine cannot apply these Kafka settings: {', '.join(unmapped)}")
+    options = KafkaOptions(app={}, consumer={"isolation_level": "read_committed"})
+    for _, key, value in given:
+        if key in FIXED:
+            continue
+        side, names, convert = MAPPED[key]
+        for name in names:
+            (options.app if side == "app" else options.consumer)[name] = convert(value)
+    return options
 
 
 class _Consumer(aiokafka_driver.Consumer):
-    """Faust's aiokafka consumer, with `overrides` applied to the aiokafka consumer it creates."""
+    """Faust's aiokafka consumer, with `overrides` applied to the aiokafka consumer it creates,
+    and `on_commit` told of every commit that succeeded (the offsets committed)."""
 
-    def __init__(self, *args: Any, overrides: dict[str, Any], **kwargs: Any) -> None:
-        self.overrides = overrides  # before super(): it creates the consumer thread
+    def __init__(
+        self, *args: Any, overrides: dict[str, Any], on_commit: Callable[[dict[Any, int]], None], **kwargs: Any
+    ) -> None:
+        self.overrides, self._on_commit = overrides, on_commit  # before super(): it creates the thread
         super().__init__(*args, **kwargs)
 
     def _new_consumer_thread(self) -> aiokafka_driver.AIOKafkaConsumerThread:
         return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+    async def _commit(self, offsets: Any) -> bool:
+        committed = bool(await super()._commit(offsets))
+        if committed:
+            self._on_commit(dict(offsets))
+        return committed
+
+
+class _Producer(aiokafka_driver.Producer):
+    """Idempotent, as the confluent engine's producer: aiokafka's own retries then neither
+    duplicate nor reorder an output (Faust turns this on only under its exactly-once)."""
+
+    def _settings_extra(self) -> Any:
+        return {**super()._settings_extra(), "acks": "all", "enable_idempotence": True}
 
 
 class _ConsumerThread(aiokafka_driver.AIOKafkaConsumerThread):
@@ -110,27 +248,21 @@ class _ConsumerThread(aiokafka_driver.AIOKafkaConsumerThread):
         return consumer
 
 
-def _install_consumer(app: faust.App, overrides: dict[str, Any]) -> None:
-    """Make the app's consumer ours. The consumer is shared by every agent of the app, so an
-    embedding app's other agents read committed data too (what a transactional upstream means)."""
-    transport = app.transport
-    if not isinstance(transport, aiokafka_driver.Transport):
-        raise ConfigError(f"the faust engine needs Faust's aiokafka transport (kafka://), not {type(transport)}")
-    transport.Consumer = functools.partial(_Consumer, overrides=overrides)  # type: ignore[misc,assignment]  # this app only
+def _install_clients(app: faust.App, overrides: dict[str, Any], on_commit: Callable[[dict[Any, int]], None]) -> None:
+    """Make the app's consumer and producer ours (this app only). The consumer is shared by every
+    agent of the app, so an embedding app's other agents read committed data too."""
+    for transport in (app.transport, app.producer_transport):
+        if not isinstance(transport, aiokafka_driver.Transport):
+            raise ConfigError(f"the faust engine needs Faust's aiokafka transport (kafka://), not {type(transport)}")
+    consumer = functools.partial(_Consumer, overrides=overrides, on_commit=on_commit)
+    app.transport.Consumer = consumer  # type: ignore[misc,assignment]  # an instance attribute: this app only
+    app.producer_transport.Producer = _Producer  # type: ignore[misc]
 
 
 def _credentials(settings: Settings) -> dict[str, Any]:
-    """`broker_credentials` for faust.App from our Kafka settings; `ConfigError` for any setting
-    aiokafka cannot apply, so a worker never runs with less security than it was configured with."""
-    kafka = settings.kafka
-    unmapped = sorted(
-        [k for k in kafka.config if k not in SECURITY_KEYS]
-        + [f"consumer_config.{k}" for k in kafka.consumer_config]
-        + [f"producer_config.{k}" for k in kafka.producer_config]
-    )
-    if unmapped:
-        raise ConfigError(f"the faust engine cannot apply these Kafka settings: {', '.join(unmapped)}")
-    sec = kafka.security()
+    """`broker_credentials` for faust.App from our Kafka security settings; `ConfigError` for
+    any aiokafka cannot apply, so a worker never runs with less security than it was configured with."""
+    sec = settings.kafka.security()
     context = _tls_context(sec) if sec.tls else None
     if not sec.sasl:
         return {"broker_credentials": faust.SSLCredentials(context)} if context else {}
@@ -187,22 +319,57 @@ class FaustClassifier:
         self._resources = Resources.of(settings, required_topics(settings, pipeline.router))
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="classify")
         self._topics: dict[str, faust.TopicT] = {}
-        _install_consumer(app, consumer_overrides(settings))
+        #: Delivered batches whose offsets Faust has not committed yet, oldest first.
+        self._uncommitted: deque[_Delivered] = deque()
+        self._assigned: set[tuple[str, int]] = set()
+        #: monotonic time the batch in hand was taken; None while waiting for input
+        self._busy_since: float | None = None
+        _install_clients(app, kafka_options(settings).consumer, self._on_commit)
+        # the lag is the app's group's: an embedding app's id, not necessarily CW_KAFKA__GROUP_ID
+        group = settings.model_copy(update={"kafka": settings.kafka.model_copy(update={"group_id": app.conf.id})})
+        self._housekeeping = Housekeeping(group, pipeline.router, self.hooks, lambda: set(self._assigned))
         self._source = self._raw_topic(settings.topics.input)
         self.agent = app.agent(self._source, name="classify-worker")(self._classify)
+        app.timer(LIVENESS_INTERVAL_S)(self._stamp_liveness)
         app.on_partitions_assigned.connect(self._on_assigned)  # type: ignore[arg-type]  # mode's stub is narrower
         app.on_partitions_revoked.connect(self._on_revoked)  # type: ignore[arg-type]
+
+    async def _stamp_liveness(self) -> None:
+        """`/healthz` follows the agent: alive while it waits for input or its batch is younger
+        than `STUCK_S`; not once it has stopped (an error) or a batch is stuck (a classifier
+        call that never returns). A blocked event loop stamps nothing either."""
+        busy = self._busy_since is not None and time.monotonic() - self._busy_since > STUCK_S
+        if self.error is None and not busy:
+            self.hooks.on_loop()
+
+    def _on_commit(self, offsets: dict[Any, int]) -> None:
+        """Faust committed `offsets`: report (metrics) and count the batches now durable."""
+        for tp, offset in offsets.items():
+            for batch in self._uncommitted:
+                batch.ends.pop((tp.topic, tp.partition), None) if batch.ends.get(
+                    (tp.topic, tp.partition), offset + 1
+                ) <= offset else None
+        now_ms = int(time.time() * 1000)
+        while self._uncommitted and not self._uncommitted[0].ends:
+            batch = self._uncommitted.popleft()
+            self.hooks.on_batch(batch.outcome)
+            self.hooks.on_committed(batch.sent, now_ms)
+            self.processed += batch.records
 
     def _mine(self, tps: Any) -> list[tuple[str, int]]:
         return sorted((tp.topic, tp.partition) for tp in tps if tp.topic == self.settings.topics.input)
 
     async def _on_assigned(self, _sender: Any, *args: Any, **_: Any) -> None:
         mine = self._mine(args[0])
+        self._assigned |= set(mine)
         log.info("partitions assigned", extra={"partitions": [p for _, p in mine]})
         self.hooks.on_assign(mine)
 
     async def _on_revoked(self, _sender: Any, *args: Any, **_: Any) -> None:
         mine = self._mine(args[0])
+        self._assigned -= set(mine)
+        # their uncommitted batches are processed again by the partitions' next owner, and counted there
+        self._uncommitted = deque(b for b in self._uncommitted if not set(b.ends) & set(mine))
         log.info("partitions revoked", extra={"partitions": [p for _, p in mine]})
         self.hooks.on_revoke(mine)
 
@@ -219,14 +386,18 @@ class FaustClassifier:
         """The agent. Faust acknowledges what the stream yields whenever it is iterated with acks
         on, so the agent iterates a `noack()` stream and acknowledges each batch itself (in
         `take_events`) only after its outputs are delivered."""
-        await self._batches(stream.noack())
+        self._housekeeping.start()
+        try:
+            await self._batches(stream.noack())
+        finally:
+            self._housekeeping.stop()
 
     async def _batches(self, stream: Any) -> None:
         batch = self.settings.batch
         async for events in stream.take_events(batch.max_items, within=batch.max_wait_ms / 1000 or 0.001):
             delivered = False
+            self._busy_since = time.monotonic()
             try:
-                self.hooks.on_loop()
                 records = [_record(e.message) for e in events]
                 outcome = await self._process_until_it_works(records)
                 sent = await self._deliver(outcome.outgoing)
@@ -236,9 +407,9 @@ class FaustClassifier:
             finally:
                 if not delivered:  # an error, a refusal or a shutdown mid-batch
                     _withhold_acks(events)
-            self.hooks.on_batch(outcome)
-            self.hooks.on_committed(sent, int(time.time() * 1000))
-            self.processed += len(records)
+            self._busy_since = None
+            # acknowledged when this body returns (take_events), committed by Faust later
+            self._uncommitted.append(_Delivered(_ends(records), outcome, sent, len(records)))
 
     async def _deliver(self, outgoing: list[Outgoing]) -> list[Outgoing]:
         """Send every output and wait until each is acknowledged, retrying what failed (with
@@ -270,6 +441,7 @@ class FaustClassifier:
                     extra={"error": repr(transient), "outputs": len(pending), "retry_in_s": delay_s},
                 )
                 self.hooks.on_batch_failed("delivery")
+                self._housekeeping.check_topics_soon()  # an output topic deleted under us is recreated
                 await asyncio.sleep(delay_s)
         return delivered
 
@@ -327,6 +499,24 @@ class FaustClassifier:
                 log.error("classifier failed on a batch; will retry", extra={"error": str(e), "size": len(records)})
                 self.hooks.on_batch_failed("inference")
                 await asyncio.sleep(backoff.step())
+
+
+@dataclasses.dataclass
+class _Delivered:
+    """A batch whose outputs were acknowledged: the offsets a commit must reach (next offset per
+    partition, dropped as commits reach them), its outcome, what was sent, its input count."""
+
+    ends: dict[tuple[str, int], int]
+    outcome: Outcome
+    sent: list[Outgoing]
+    records: int
+
+
+def _ends(records: list[Record]) -> dict[tuple[str, int], int]:
+    ends: dict[tuple[str, int], int] = {}
+    for r in records:
+        ends[(r.topic, r.partition)] = max(ends.get((r.topic, r.partition), 0), r.offset + 1)
+    return ends
 
 
 #: What aiokafka raises for a record too large: the producer's own check (max_request_size), or
@@ -393,7 +583,6 @@ def run(
 
     @app.timer(0.5)  # type: ignore[untyped-decorator]
     async def bounded_run() -> None:
-        hooks.on_loop()
         if classifier.processed != state["seen"]:
             state.update(last=time.monotonic(), seen=classifier.processed)
         done = max_messages is not None and classifier.processed >= max_messages
