@@ -126,3 +126,26 @@ def test_an_output_too_large_for_the_producer_loses_nothing(
     scenario.check([r for r in received if r.key != b"huge"], expected, topics.prefix, topics.dlq, exactly_once=False)
     assert [(r.topic, r.value, r.headers.get("error.reason")) for r in dead] == [(topics.dlq, None, b"too_large")]
     assert dead[0].headers.get("trace-id") == b"huge" and dead[0].headers.get("source.offset") == b"120"
+
+
+def test_a_null_header_value_stays_null(kafka_bootstrap: str, tiny_bundle: Path, tmp_path: Path) -> None:
+    # Given messages carrying a header whose value is null beside ordinary ones
+    topics = TopicSet.fresh()
+    create_topic(kafka_bootstrap, topics.input, PARTITIONS)
+    messages, expected = scenario.build(40)
+    produce(kafka_bootstrap, topics.input, [(k, v, [*h, ("nothing", None)]) for k, v, h in messages])
+
+    # When the Faust engine routes them
+    log = tmp_path / "faust.log"
+    worker = start_worker(_env(topics, kafka_bootstrap, tiny_bundle), log, "--engine", "faust", "--idle-exit", "4")
+    assert worker.wait(120) == 0, log.read_text()[-3000:]
+
+    # Then every output, routed or dead-lettered, carries the header with a null value, not b""
+    received = read_outputs(kafka_bootstrap, topics.outputs(CATEGORIES), expect=len(expected))
+    scenario.check(received, expected, topics.prefix, topics.dlq, exactly_once=False)
+    wrong = {
+        (r.key or b"").decode(): r.headers.get("nothing", "absent")
+        for r in received
+        if r.headers.get("nothing", "absent") is not None
+    }
+    assert wrong == {}, f"header 'nothing' should be null: {wrong}"
