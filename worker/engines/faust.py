@@ -1,20 +1,21 @@
 """The same pipeline as a faust-streaming agent, for teams whose topology is already Faust.
 
 Nothing is re-implemented here: records go through `worker.pipeline.Pipeline` (decode, classify,
-route, dead-letter) and the observability hooks, exactly as in the confluent engine. The agent
-batches with `stream.take_events`, runs the CPU-bound pipeline in a worker thread so the event
-loop keeps heartbeating, sends every output and awaits its acknowledgement before taking the
-next batch — Faust acknowledges (and later commits) a batch's offsets only then, so delivery is
-at-least-once.
+route, dead-letter), the observability hooks and the confluent engine's `Housekeeping` (lag,
+topic checks). The agent batches with `take_events` on a `noack()` stream, runs the CPU-bound
+pipeline in a worker thread so the event loop keeps heartbeating, and sends every output,
+retrying what failed until it is acknowledged; only then are the batch's events acknowledged,
+and Faust commits them at the commit interval — at-least-once. A batch left any other way (a
+refusal, an unexpected error, a shutdown) keeps its acknowledgements withheld, so its offsets are
+never committed. The input is read `read_committed` whatever the delivery mode.
 
-Faust's own `processing_guarantee="exactly_once"` is not offered: it needs one transactional
-producer per input partition and read_committed consumers on a broker that honours aborted
-transactions; use the confluent engine for exactly-once. This is the only module that imports
-faust, so `import worker` never pulls it in.
+Faust's own `processing_guarantee="exactly_once"` is not offered: use the confluent engine for
+exactly-once. This is the only module that imports faust, so `import worker` never pulls it in.
 
-Kafka security: the SASL/TLS settings of `CW_KAFKA__CONFIG` and `CW_KAFKA__SASL_PASSWORD` are
-mapped onto aiokafka's (`KafkaSecurity`); any other librdkafka setting, which aiokafka has no
-equivalent for, makes the engine refuse to start rather than run without it.
+Kafka settings: the librdkafka properties of `CW_KAFKA__*` that Faust/aiokafka have an
+equivalent for are mapped (`MAPPED`, `kafka_options`), the SASL/TLS ones onto aiokafka's
+(`KafkaSecurity`); any other makes the engine refuse to start, naming it, rather than run
+without it.
 """
 
 from __future__ import annotations
@@ -334,6 +335,11 @@ class FaustClassifier:
         app.on_partitions_assigned.connect(self._on_assigned)  # type: ignore[arg-type]  # mode's stub is narrower
         app.on_partitions_revoked.connect(self._on_revoked)  # type: ignore[arg-type]
 
+    @property
+    def busy(self) -> bool:
+        """A batch in hand, or delivered and not yet committed: not idle."""
+        return self._busy_since is not None or bool(self._uncommitted)
+
     async def _stamp_liveness(self) -> None:
         """`/healthz` follows the agent: alive while it waits for input or its batch is younger
         than `STUCK_S`; not once it has stopped (an error) or a batch is stuck (a classifier
@@ -463,10 +469,12 @@ class FaustClassifier:
         return failed
 
     async def _send(self, out: Outgoing) -> None:
-        # force: sent now, not attached to the current event (Faust's stream_publish_on_commit)
-        headers = [(k, v or b"") for k, v in out.headers]
-        sent = await self._topic(out.topic).send(key=out.key, value=out.value, headers=headers, force=True)
-        await sent
+        """One output, awaited until acknowledged. Not `topic.send`: that attaches the message
+        to the current event under Faust's stream_publish_on_commit, and on failure leaves the
+        error on a second future nobody awaits (logged with the message body)."""
+        topic = self._topic(out.topic)
+        pending = topic.as_future_message(key=out.key, value=out.value, headers=list(out.headers))
+        await topic.publish_message(pending, wait=True)
 
     def _raise_if_refused(self, e: BrokerResponseError) -> None:
         """`KafkaAccessError` naming the missing ACL when the cluster refused a send (aiokafka's
@@ -583,7 +591,7 @@ def run(
 
     @app.timer(0.5)  # type: ignore[untyped-decorator]
     async def bounded_run() -> None:
-        if classifier.processed != state["seen"]:
+        if classifier.busy or classifier.processed != state["seen"]:
             state.update(last=time.monotonic(), seen=classifier.processed)
         done = max_messages is not None and classifier.processed >= max_messages
         idle = idle_exit_s is not None and time.monotonic() - state["last"] > idle_exit_s
