@@ -1,10 +1,11 @@
 """The Faust engine's own guarantees on a real broker, judged from outside (a read_committed
-reader over every output): it reads only committed input, loses nothing when a send fails, and
-keeps a header's null value null."""
+reader over every output): it reads only committed input, loses nothing when a send fails (an
+output too large, an output topic missing), and keeps a header's null value null."""
 
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from confluent_kafka import Producer
 
 from devkit.toolkit import read_outputs, start_worker
 from tests.support import scenario
-from tests.support.kafka import TopicSet, create_topic, produce
+from tests.support.kafka import TopicSet, create_topic, produce, wait_for_log
 from worker.config import load_settings
 from worker.pipeline import build_pipeline
 from worker.records import Record
@@ -149,3 +150,40 @@ def test_a_null_header_value_stays_null(kafka_bootstrap: str, tiny_bundle: Path,
         if r.headers.get("nothing", "absent") is not None
     }
     assert wrong == {}, f"header 'nothing' should be null: {wrong}"
+
+
+def test_sends_to_a_missing_output_topic_are_retried_until_it_exists(
+    kafka_bootstrap: str, tiny_bundle: Path, tmp_path: Path
+) -> None:
+    # Given an operator-owned cluster (no auto-create) where one output topic is missing
+    topics = TopicSet.fresh()
+    for name in [topics.input, *topics.outputs(CATEGORIES)]:
+        if name != topics.prefix + "travel":
+            create_topic(kafka_bootstrap, name, PARTITIONS)
+    messages, expected = scenario.build(300)
+    produce(kafka_bootstrap, topics.input, messages)
+    env = _env(
+        topics,
+        kafka_bootstrap,
+        tiny_bundle,
+        CW_TOPICS__AUTO_CREATE="false",
+        CW_BATCH__MAX_ITEMS="50",
+        CW_KAFKA__PRODUCER_CONFIG=json.dumps({"request.timeout.ms": 2000}),
+    )
+
+    # When the Faust engine runs, and the operator creates the topic 10 s later
+    log = tmp_path / "faust.log"
+    worker = start_worker(env, log, "--engine", "faust", "--idle-exit", "6")
+    try:
+        wait_for_log(log, "outputs not delivered; retrying", timeout_s=60)
+        time.sleep(10)
+        assert worker.poll() is None, log.read_text()[-3000:]
+        create_topic(kafka_bootstrap, topics.prefix + "travel", PARTITIONS)
+        assert worker.wait(120) == 0, log.read_text()[-3000:]
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+
+    # Then nothing was lost
+    received = read_outputs(kafka_bootstrap, topics.outputs(CATEGORIES), expect=len(expected))
+    scenario.check(received, expected, topics.prefix, topics.dlq, exactly_once=False)
