@@ -82,3 +82,20 @@ def test_settings_without_an_equivalent_are_refused_by_name() -> None:
 def test_values_aiokafka_cannot_honour_are_refused(config: dict[str, object], cause: str) -> None:
     with pytest.raises(ConfigError, match=cause):
         kafka_options(load_settings(kafka={"config": config}))
+
+
+def test_the_classifier_makes_the_apps_clients_read_committed_and_idempotent(tiny_bundle) -> None:
+    from worker.engines.faust import FaustClassifier
+    from worker.pipeline import build_pipeline
+
+    # Given an app with the classifier added
+    settings = load_settings(model={"path": tiny_bundle})
+    app = create_app(settings)
+    FaustClassifier(app, settings, build_pipeline(settings))
+    # Then its producer is idempotent and its consumer gets the overrides (read_committed, fetch wait)
+    assert app.producer._settings_extra() == {"acks": "all", "enable_idempotence": True}
+    assert app.consumer.overrides == {
+        "isolation_level": "read_committed",
+        "fetch_max_wait_ms": 100,
+        "fetch_min_bytes": 1,
+    }

@@ -257,7 +257,8 @@ def _install_clients(app: faust.App, overrides: dict[str, Any], on_commit: Calla
             raise ConfigError(f"the faust engine needs Faust's aiokafka transport (kafka://), not {type(transport)}")
     consumer = functools.partial(_Consumer, overrides=overrides, on_commit=on_commit)
     app.transport.Consumer = consumer  # type: ignore[misc,assignment]  # an instance attribute: this app only
-    app.producer_transport.Producer = _Producer  # type: ignore[misc]
+    for transport in (app.transport, app.producer_transport):  # the app's producer comes from the first
+        transport.Producer = _Producer  # type: ignore[misc]
 
 
 def _credentials(settings: Settings) -> dict[str, Any]:
@@ -473,7 +474,8 @@ class FaustClassifier:
         to the current event under Faust's stream_publish_on_commit, and on failure leaves the
         error on a second future nobody awaits (logged with the message body)."""
         topic = self._topic(out.topic)
-        pending = topic.as_future_message(key=out.key, value=out.value, headers=list(out.headers))
+        headers = cast(Any, list(out.headers))  # Faust's stub says bytes; Kafka and aiokafka take None
+        pending = topic.as_future_message(key=out.key, value=out.value, headers=headers)
         await topic.publish_message(pending, wait=True)
 
     def _raise_if_refused(self, e: BrokerResponseError) -> None:
