@@ -68,8 +68,19 @@ STUCK_S = 60.0
 PASSWORD_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 
 
+def check_delivery(settings: Settings) -> None:
+    """The Faust engine is at-least-once. `CW_DELIVERY=exactly_once` asked for explicitly is
+    refused rather than silently downgraded (left at its default, it does not apply here)."""
+    if settings.delivery == "exactly_once" and "delivery" in settings.model_fields_set:
+        raise ConfigError(
+            "the faust engine is at-least-once: set CW_DELIVERY=at_least_once, or use the confluent "
+            "engine for exactly-once (Faust's own exactly_once is not offered: docs/engines.md)"
+        )
+
+
 def create_app(settings: Settings) -> faust.App:
     """A Faust app configured from our settings (raw bytes in and out, no web server, no tables)."""
+    check_delivery(settings)
     options = kafka_options(settings)
     return faust.App(
         settings.kafka.group_id,
@@ -310,6 +321,7 @@ class FaustClassifier:
         hooks: Hooks | None = None,
         on_error: Callable[[Exception], None] | None = None,
     ) -> None:
+        check_delivery(settings)
         self.app = app
         self.settings = settings
         self.pipeline = pipeline
