@@ -21,7 +21,18 @@ import orjson
 import typer
 
 from worker.config import Settings, load_settings
-from worker.errors import ConfigError, DataError, FatalDeliveryError, KafkaAccessError, ModelError, WorkerError
+from worker.errors import (
+    EXIT_ACCESS,
+    EXIT_CONFIG,
+    EXIT_FATAL,
+    EXIT_MODEL,
+    ConfigError,
+    DataError,
+    FatalDeliveryError,
+    KafkaAccessError,
+    ModelError,
+    WorkerError,
+)
 
 if TYPE_CHECKING:
     from worker.observability import Hooks
@@ -34,12 +45,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 log = logging.getLogger("worker")
-
-EXIT_FATAL = 1
-EXIT_CONFIG = 2
-EXIT_MODEL = 3
-#: the cluster refuses us (credentials, TLS trust, security protocol, a missing ACL): fix, then restart
-EXIT_ACCESS = 4
 
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", help="YAML settings file; CW_* environment variables win over it.")

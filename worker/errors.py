@@ -5,6 +5,13 @@ A `DecodeError` carries the reason code that ends up in the dead-letter `error.r
 
 from __future__ import annotations
 
+#: Exit codes of the CLI, the only place an error becomes one (library code raises).
+EXIT_FATAL = 1
+EXIT_CONFIG = 2
+EXIT_MODEL = 3
+#: the cluster refuses us (credentials, TLS trust, security protocol, a missing ACL): fix, then restart
+EXIT_ACCESS = 4
+
 
 class WorkerError(Exception):
     """Root of every error classify-worker raises on purpose."""

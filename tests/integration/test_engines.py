@@ -1,6 +1,7 @@
 """Both engines against a real broker: the same mixed stream through the confluent engine (both
 delivery modes) and the Faust engine; a Faust worker killed mid-stream; two confluent workers
-sharing one group; metrics and graceful shutdown."""
+sharing one group; metrics (counted after the commit), lag, health and graceful shutdown on
+both engines."""
 
 from __future__ import annotations
 
@@ -136,16 +137,28 @@ def _metric(text: str, name: str, **labels: str) -> float:
     return 0.0
 
 
+def _lag(port: int) -> dict[str, float]:
+    """`classify_consumer_lag` per partition, as scraped."""
+    _, text = _scrape(port, "/metrics")
+    return {
+        s.labels["partition"]: s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "classify_consumer_lag"
+    }
+
+
+@pytest.mark.parametrize(("engine", "delivery"), [ENGINES[0], ENGINES[2]])
 def test_metrics_count_what_was_routed_and_sigterm_stops_cleanly(
-    kafka_bootstrap: str, tiny_bundle: Path, tmp_path: Path
+    kafka_bootstrap: str, tiny_bundle: Path, tmp_path: Path, engine: str, delivery: str
 ) -> None:
     # Given a running worker with its metrics server on a known port
     topics = TopicSet.fresh()
     create_topic(kafka_bootstrap, topics.input, PARTITIONS)
     port = free_port()
-    env = {**_env(topics, kafka_bootstrap, tiny_bundle, "m1", "exactly_once"), "CW_METRICS__PORT": str(port)}
+    env = {**_env(topics, kafka_bootstrap, tiny_bundle, "m1", delivery), "CW_METRICS__PORT": str(port)}
     log = tmp_path / "worker.log"
-    worker = start_worker(env, log)
+    worker = start_worker(env, log, "--engine", engine)
     try:
         wait_for_log(log, "partitions assigned")
         # When 1,000 messages are routed
@@ -171,6 +184,11 @@ def test_metrics_count_what_was_routed_and_sigterm_stops_cleanly(
         assert _metric(text, "classify_batch_size_count") >= 1
         assert _metric(text, "classify_end_to_end_seconds_count") == 1000
         assert _scrape(port, "/readyz")[0] == 200 and _scrape(port, "/healthz")[0] == 200
+        # And the lag of every input partition is reported, down to 0 once all is committed
+        deadline = time.monotonic() + 20
+        while _lag(port) != {str(p): 0.0 for p in range(PARTITIONS)}:
+            assert time.monotonic() < deadline, f"lag {_lag(port)}"
+            time.sleep(0.5)
         # And SIGTERM leaves the group and exits 0 within 10 s
         started = time.monotonic()
         worker.send_signal(signal.SIGTERM)

@@ -58,8 +58,24 @@ def _expected(live: Path, candidate: Path, valid: dict[str, str]) -> tuple[dict[
     return records, matrix
 
 
+def _faust_available() -> bool:
+    try:
+        import faust  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+#: The Faust engine is at-least-once, but nothing fails here, so it must deliver exactly once too.
+ENGINES = [
+    pytest.param("confluent", id="confluent"),
+    pytest.param("faust", id="faust", marks=pytest.mark.skipif(not _faust_available(), reason="needs [faust]")),
+]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 def test_shadow_records_equal_an_offline_classify_with_both_bundles(
-    kafka_bootstrap: str, tiny_bundle: Path, candidate: Path, tmp_path: Path
+    kafka_bootstrap: str, tiny_bundle: Path, candidate: Path, tmp_path: Path, engine: str
 ) -> None:
     # Given 600 mixed messages (30 malformed) and a worker shadowing the candidate bundle
     topics = TopicSet.fresh()
@@ -81,7 +97,7 @@ def test_shadow_records_equal_an_offline_classify_with_both_bundles(
 
     # When it runs until the stream is idle
     log = tmp_path / "worker.log"
-    worker = start_worker(env, log, "--idle-exit", "4")
+    worker = start_worker(env, log, "--engine", engine, "--idle-exit", "4")
     assert worker.wait(120) == 0, log.read_text()[-3000:]
 
     # Then routing is exactly what it is without a shadow: every id once, on its topic

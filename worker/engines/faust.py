@@ -1,83 +1,281 @@
 """The same pipeline as a faust-streaming agent, for teams whose topology is already Faust.
 
 Nothing is re-implemented here: records go through `worker.pipeline.Pipeline` (decode, classify,
-route, dead-letter) and the observability hooks, exactly as in the confluent engine. The agent
-batches with `stream.take_events`, runs the CPU-bound pipeline in a worker thread so the event
-loop keeps heartbeating, sends every output and awaits its acknowledgement before taking the
-next batch — Faust acknowledges (and later commits) a batch's offsets only then, so delivery is
-at-least-once.
+route, dead-letter), the observability hooks and the confluent engine's `Housekeeping` (lag,
+topic checks). The agent batches with `take_events` on a `noack()` stream, runs the CPU-bound
+pipeline in a worker thread so the event loop keeps heartbeating, and sends every output,
+retrying what failed until it is acknowledged; only then are the batch's events acknowledged,
+and Faust commits them at the commit interval — at-least-once. A batch left any other way (a
+refusal, an unexpected error, a shutdown) keeps its acknowledgements withheld, so its offsets are
+never committed. The input is read `read_committed` whatever the delivery mode.
 
-Faust's own `processing_guarantee="exactly_once"` is not offered: it needs one transactional
-producer per input partition and read_committed consumers on a broker that honours aborted
-transactions; use the confluent engine for exactly-once. This is the only module that imports
-faust, so `import worker` never pulls it in.
+Faust's own `processing_guarantee="exactly_once"` is not offered: use the confluent engine for
+exactly-once. This is the only module that imports faust, so `import worker` never pulls it in.
 
-Kafka security: the SASL/TLS settings of `CW_KAFKA__CONFIG` and `CW_KAFKA__SASL_PASSWORD` are
-mapped onto aiokafka's (`KafkaSecurity`); any other librdkafka setting, which aiokafka has no
-equivalent for, makes the engine refuse to start rather than run without it.
+Kafka settings: the librdkafka properties of `CW_KAFKA__*` that Faust/aiokafka have an
+equivalent for are mapped (`MAPPED`, `kafka_options`), the SASL/TLS ones onto aiokafka's
+(`KafkaSecurity`); any other makes the engine refuse to start, naming it, rather than run
+without it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import functools
 import logging
 import os
 import signal
 import ssl
-import sys
 import time
+from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, NoReturn, cast
 
+import aiokafka.codec
 import faust
-from aiokafka.errors import BrokerResponseError
+from aiokafka.errors import (
+    BrokerResponseError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    RecordTooLargeError,
+)
 from confluent_kafka import KafkaError
+from faust.exceptions import ProducerSendError
+from faust.transport.drivers import aiokafka as aiokafka_driver
 
-from worker.config import SECURITY_KEYS, KafkaSecurity, Settings
-from worker.errors import ConfigError, InferenceError
+from worker.config import CONSUMER_FETCH_DEFAULTS, SECURITY_KEYS, KafkaSecurity, LibrdkafkaValue, Settings
+from worker.engines.confluent import Housekeeping
+from worker.errors import ConfigError, DeliveryError, InferenceError, KafkaAccessError, WorkerError
 from worker.kafka_errors import Resources, check_access, check_consumer_access, explain
 from worker.kafka_util import Backoff
 from worker.observability import Hooks
-from worker.pipeline import Pipeline
-from worker.records import Record
+from worker.pipeline import Outcome, Pipeline, dead_letter
+from worker.records import Outgoing, Record
 from worker.topics import ensure_for, required_topics
 
 log = logging.getLogger(__name__)
+
+#: How often the liveness stamp is considered (`Health.STALE_AFTER_S` is far longer).
+LIVENESS_INTERVAL_S = 1.0
+#: A batch in hand longer than this is stuck: one classifier call takes well under a second, one
+#: round of sends at most the producer's request timeout (30 s by default) before it is retried.
+STUCK_S = 60.0
 
 #: The SASL mechanisms aiokafka implements with a username and password.
 PASSWORD_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 
 
+def check_delivery(settings: Settings) -> None:
+    """The Faust engine is at-least-once. `CW_DELIVERY=exactly_once` asked for explicitly is
+    refused rather than silently downgraded (left at its default, it does not apply here)."""
+    if settings.delivery == "exactly_once" and "delivery" in settings.model_fields_set:
+        raise ConfigError(
+            "the faust engine is at-least-once: set CW_DELIVERY=at_least_once, or use the confluent "
+            "engine for exactly-once (Faust's own exactly_once is not offered: docs/engines.md)"
+        )
+
+
 def create_app(settings: Settings) -> faust.App:
     """A Faust app configured from our settings (raw bytes in and out, no web server, no tables)."""
+    check_delivery(settings)
+    options = kafka_options(settings)
     return faust.App(
         settings.kafka.group_id,
-        broker=f"kafka://{settings.kafka.bootstrap_servers.replace(',', ';kafka://')}",
         key_serializer="raw",
         value_serializer="raw",
         web_enabled=False,
         topic_allow_declare=False,
         topic_disable_leader=True,
-        consumer_auto_offset_reset="earliest",
-        broker_session_timeout=settings.kafka.session_timeout_ms / 1000,
         store="memory://",
+        # A stop commits what was acknowledged and no more: waiting for every fetched message to
+        # be acknowledged first would wait forever for a batch the classifier withheld.
+        stream_wait_empty=False,
+        # One commit per interval, or sooner after this many messages, as the confluent engine
+        broker_commit_interval=settings.commit.interval_ms / 1000,
+        broker_commit_every=settings.commit.max_items,
+        **options.app,
         **_credentials(settings),
     )
 
 
-def _credentials(settings: Settings) -> dict[str, Any]:
-    """`broker_credentials` for faust.App from our Kafka settings; `ConfigError` for any setting
-    aiokafka cannot apply, so a worker never runs with less security than it was configured with."""
+@dataclasses.dataclass(frozen=True)
+class KafkaOptions:
+    """Our Kafka settings in Faust's terms: `faust.App` settings, and the aiokafka consumer
+    arguments Faust has no setting for (`consumer`)."""
+
+    app: dict[str, Any]
+    consumer: dict[str, Any]
+
+
+def _seconds(ms: LibrdkafkaValue) -> float:
+    return float(ms) / 1000
+
+
+def _offset_reset(value: LibrdkafkaValue) -> str:
+    named = {"smallest": "earliest", "beginning": "earliest", "largest": "latest", "end": "latest", "error": "none"}
+    return named.get(str(value), str(value))
+
+
+def _compression(value: LibrdkafkaValue) -> str | None:
+    codec = str(value).lower()
+    if codec == "none":
+        return None
+    if codec not in _CODECS or not _CODECS[codec]():
+        raise ConfigError(
+            f"the faust engine's producer (aiokafka) cannot compress with {codec}: its codec is not installed"
+        )
+    return codec
+
+
+def _acks(value: LibrdkafkaValue) -> int:
+    if str(value).lower() not in ("all", "-1"):
+        raise ConfigError(
+            f"acks={value}: the faust engine's producer is idempotent, which needs acks=all (as librdkafka's)"
+        )
+    return -1
+
+
+_CODECS: dict[str, Callable[[], bool]] = {
+    "gzip": aiokafka.codec.has_gzip,
+    "snappy": aiokafka.codec.has_snappy,
+    "lz4": aiokafka.codec.has_lz4,
+    "zstd": aiokafka.codec.has_zstd,
+}
+
+#: librdkafka property -> (where it applies, Faust app setting or aiokafka consumer argument,
+#: conversion). "consumer" targets are aiokafka consumer arguments Faust has no setting for.
+#: docs/engines.md has this table in words.
+MAPPED: dict[str, tuple[str, tuple[str, ...], Callable[[LibrdkafkaValue], Any]]] = {
+    "bootstrap.servers": ("app", ("broker",), lambda v: "kafka://" + str(v).replace(",", ";kafka://")),
+    "client.id": ("app", ("broker_client_id",), str),
+    "session.timeout.ms": ("app", ("broker_session_timeout",), _seconds),
+    "heartbeat.interval.ms": ("app", ("broker_heartbeat_interval",), _seconds),
+    "max.poll.interval.ms": ("app", ("broker_max_poll_interval",), _seconds),
+    "socket.timeout.ms": ("app", ("broker_request_timeout",), _seconds),
+    "metadata.max.age.ms": ("app", ("consumer_metadata_max_age_ms", "producer_metadata_max_age_ms"), int),
+    "connections.max.idle.ms": ("app", ("consumer_connections_max_idle_ms", "producer_connections_max_idle_ms"), int),
+    "check.crcs": ("app", ("broker_check_crcs",), lambda v: str(v).lower() in ("true", "1")),
+    "auto.offset.reset": ("app", ("consumer_auto_offset_reset",), _offset_reset),
+    "group.instance.id": ("app", ("consumer_group_instance_id",), str),
+    "max.partition.fetch.bytes": ("app", ("consumer_max_fetch_size",), int),
+    "fetch.message.max.bytes": ("app", ("consumer_max_fetch_size",), int),
+    "fetch.wait.max.ms": ("consumer", ("fetch_max_wait_ms",), int),
+    "fetch.min.bytes": ("consumer", ("fetch_min_bytes",), int),
+    "fetch.max.bytes": ("consumer", ("fetch_max_bytes",), int),
+    "linger.ms": ("app", ("producer_linger",), _seconds),
+    "queue.buffering.max.ms": ("app", ("producer_linger",), _seconds),
+    "compression.type": ("app", ("producer_compression_type",), _compression),
+    "compression.codec": ("app", ("producer_compression_type",), _compression),
+    "batch.size": ("app", ("producer_max_batch_size",), int),
+    "message.max.bytes": ("app", ("producer_max_request_size",), int),
+    # aiokafka's producer has one timeout for a produce request and for a record's delivery
+    "request.timeout.ms": ("app", ("producer_request_timeout",), _seconds),
+    "delivery.timeout.ms": ("app", ("producer_request_timeout",), _seconds),
+    "message.timeout.ms": ("app", ("producer_request_timeout",), _seconds),
+    "acks": ("app", ("producer_acks",), _acks),
+    "request.required.acks": ("app", ("producer_acks",), _acks),
+}
+#: Accepted and fixed by the engine whatever their value, as the confluent engine fixes them:
+#: the group is the app's, offsets are committed after delivery, input is read committed, the
+#: producer is idempotent.
+FIXED = frozenset(
+    {"group.id", "enable.auto.commit", "enable.auto.offset.store", "isolation.level", "enable.idempotence"}
+)
+
+
+def kafka_options(settings: Settings) -> KafkaOptions:
+    """Map `CW_KAFKA__*` onto Faust/aiokafka: our defaults first, then `config`, then the
+    consumer- and producer-only sections, as `Settings.librdkafka_*` order them (of two keys
+    with one target, the later wins). `ConfigError` names every setting with no equivalent,
+    rather than run without it."""
     kafka = settings.kafka
-    unmapped = sorted(
-        [k for k in kafka.config if k not in SECURITY_KEYS]
-        + [f"consumer_config.{k}" for k in kafka.consumer_config]
-        + [f"producer_config.{k}" for k in kafka.producer_config]
-    )
+    given: list[tuple[str, str, LibrdkafkaValue]] = [
+        ("", "bootstrap.servers", kafka.bootstrap_servers),
+        ("", "client.id", f"classify-worker-{kafka.instance_id}"),
+        ("", "session.timeout.ms", kafka.session_timeout_ms),
+        ("", "auto.offset.reset", "earliest"),
+        ("", "linger.ms", 5),
+        # a send failure surfaces within librdkafka's request timeout, not Faust's 20 minutes
+        ("", "request.timeout.ms", 30_000),
+        *(("", k, v) for k, v in CONSUMER_FETCH_DEFAULTS.items()),
+        *(("", k, v) for k, v in kafka.config.items() if k not in SECURITY_KEYS),
+        *(("consumer_config.", k, v) for k, v in kafka.consumer_config.items()),
+        *(("producer_config.", k, v) for k, v in kafka.producer_config.items()),
+    ]
+    unmapped = sorted(f"{where}{k}" for where, k, _ in given if k not in MAPPED and k not in FIXED)
     if unmapped:
         raise ConfigError(f"the faust engine cannot apply these Kafka settings: {', '.join(unmapped)}")
-    sec = kafka.security()
+    options = KafkaOptions(app={}, consumer={"isolation_level": "read_committed"})
+    for _, key, value in given:
+        if key in FIXED:
+            continue
+        side, names, convert = MAPPED[key]
+        for name in names:
+            (options.app if side == "app" else options.consumer)[name] = convert(value)
+    return options
+
+
+class _Consumer(aiokafka_driver.Consumer):
+    """Faust's aiokafka consumer, with `overrides` applied to the aiokafka consumer it creates,
+    and `on_commit` told of every commit that succeeded (the offsets committed)."""
+
+    def __init__(
+        self, *args: Any, overrides: dict[str, Any], on_commit: Callable[[dict[Any, int]], None], **kwargs: Any
+    ) -> None:
+        self.overrides, self._on_commit = overrides, on_commit  # before super(): it creates the thread
+        super().__init__(*args, **kwargs)
+
+    def _new_consumer_thread(self) -> aiokafka_driver.AIOKafkaConsumerThread:
+        return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+    async def _commit(self, offsets: Any) -> bool:
+        committed = bool(await super()._commit(offsets))
+        if committed:
+            self._on_commit(dict(offsets))
+        return committed
+
+
+class _Producer(aiokafka_driver.Producer):
+    """Idempotent, as the confluent engine's producer: aiokafka's own retries then neither
+    duplicate nor reorder an output (Faust turns this on only under its exactly-once)."""
+
+    def _settings_extra(self) -> Any:
+        return {**super()._settings_extra(), "acks": "all", "enable_idempotence": True}
+
+
+class _ConsumerThread(aiokafka_driver.AIOKafkaConsumerThread):
+    def _create_worker_consumer(self, transport: aiokafka_driver.Transport) -> Any:
+        """Faust builds the aiokafka consumer from its settings with a fixed isolation level
+        and fetch wait; these are read only when the consumer starts (its fetcher), so they are
+        set on the consumer between its creation and its start. A renamed attribute in a later
+        aiokafka fails here, loudly, instead of being ignored."""
+        consumer = super()._create_worker_consumer(transport)
+        for name, value in cast(_Consumer, self.consumer).overrides.items():
+            if not hasattr(consumer, f"_{name}"):
+                raise ConfigError(f"this aiokafka has no consumer setting {name}: cannot apply it")
+            setattr(consumer, f"_{name}", value)
+        return consumer
+
+
+def _install_clients(app: faust.App, overrides: dict[str, Any], on_commit: Callable[[dict[Any, int]], None]) -> None:
+    """Make the app's consumer and producer ours (this app only). The consumer is shared by every
+    agent of the app, so an embedding app's other agents read committed data too."""
+    for transport in (app.transport, app.producer_transport):
+        if not isinstance(transport, aiokafka_driver.Transport):
+            raise ConfigError(f"the faust engine needs Faust's aiokafka transport (kafka://), not {type(transport)}")
+    consumer = functools.partial(_Consumer, overrides=overrides, on_commit=on_commit)
+    app.transport.Consumer = consumer  # type: ignore[misc,assignment]  # an instance attribute: this app only
+    for transport in (app.transport, app.producer_transport):  # the app's producer comes from the first
+        transport.Producer = _Producer  # type: ignore[misc]
+
+
+def _credentials(settings: Settings) -> dict[str, Any]:
+    """`broker_credentials` for faust.App from our Kafka security settings; `ConfigError` for
+    any aiokafka cannot apply, so a worker never runs with less security than it was configured with."""
+    sec = settings.kafka.security()
     context = _tls_context(sec) if sec.tls else None
     if not sec.sasl:
         return {"broker_credentials": faust.SSLCredentials(context)} if context else {}
@@ -109,32 +307,88 @@ def _tls_context(sec: KafkaSecurity) -> ssl.SSLContext:
 
 
 class FaustClassifier:
-    """Adds the classification agent to a Faust app: `FaustClassifier(app, settings, pipeline)`."""
+    """Adds the classification agent to a Faust app: `FaustClassifier(app, settings, pipeline)`.
 
-    def __init__(self, app: faust.App, settings: Settings, pipeline: Pipeline, hooks: Hooks | None = None) -> None:
+    Embeddable: it never ends the process. When the cluster refuses it (`KafkaAccessError`) or
+    an unexpected error occurs, the agent stops without acknowledging the batch in hand, sets
+    `error` and calls `on_error(error)`; the app and its other agents run on."""
+
+    def __init__(
+        self,
+        app: faust.App,
+        settings: Settings,
+        pipeline: Pipeline,
+        hooks: Hooks | None = None,
+        on_error: Callable[[Exception], None] | None = None,
+    ) -> None:
+        check_delivery(settings)
         self.app = app
         self.settings = settings
         self.pipeline = pipeline
         self.hooks = hooks or Hooks()
         self.processed = 0
+        #: Why the agent stopped (`KafkaAccessError` when the cluster refused it), else None.
+        self.error: Exception | None = None
+        self._on_error = on_error
         self._resources = Resources.of(settings, required_topics(settings, pipeline.router))
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="classify")
         self._topics: dict[str, faust.TopicT] = {}
+        #: Delivered batches whose offsets Faust has not committed yet, oldest first.
+        self._uncommitted: deque[_Delivered] = deque()
+        self._assigned: set[tuple[str, int]] = set()
+        #: monotonic time the batch in hand was taken; None while waiting for input
+        self._busy_since: float | None = None
+        _install_clients(app, kafka_options(settings).consumer, self._on_commit)
+        # the lag is the app's group's: an embedding app's id, not necessarily CW_KAFKA__GROUP_ID
+        group = settings.model_copy(update={"kafka": settings.kafka.model_copy(update={"group_id": app.conf.id})})
+        self._housekeeping = Housekeeping(group, pipeline.router, self.hooks, lambda: set(self._assigned))
         self._source = self._raw_topic(settings.topics.input)
         self.agent = app.agent(self._source, name="classify-worker")(self._classify)
+        app.timer(LIVENESS_INTERVAL_S)(self._stamp_liveness)
         app.on_partitions_assigned.connect(self._on_assigned)  # type: ignore[arg-type]  # mode's stub is narrower
         app.on_partitions_revoked.connect(self._on_revoked)  # type: ignore[arg-type]
+
+    @property
+    def busy(self) -> bool:
+        """A batch in hand, or delivered and not yet committed: not idle."""
+        return self._busy_since is not None or bool(self._uncommitted)
+
+    async def _stamp_liveness(self) -> None:
+        """`/healthz` follows the agent: alive while it waits for input or its batch is younger
+        than `STUCK_S`; not once it has stopped (an error) or a batch is stuck (a classifier
+        call that never returns). A blocked event loop stamps nothing either."""
+        busy = self._busy_since is not None and time.monotonic() - self._busy_since > STUCK_S
+        if self.error is None and not busy:
+            self.hooks.on_loop()
+
+    def _on_commit(self, offsets: dict[Any, int]) -> None:
+        """Faust committed `offsets`: report (metrics) and count the batches now durable."""
+        for tp, offset in offsets.items():
+            for batch in self._uncommitted:
+                batch.ends.pop((tp.topic, tp.partition), None) if batch.ends.get(
+                    (tp.topic, tp.partition), offset + 1
+                ) <= offset else None
+        now_ms = int(time.time() * 1000)
+        while self._uncommitted and not self._uncommitted[0].ends:
+            batch = self._uncommitted.popleft()
+            self.hooks.on_batch(batch.outcome)
+            self.hooks.on_committed(batch.sent, now_ms)
+            self.processed += batch.records
 
     def _mine(self, tps: Any) -> list[tuple[str, int]]:
         return sorted((tp.topic, tp.partition) for tp in tps if tp.topic == self.settings.topics.input)
 
     async def _on_assigned(self, _sender: Any, *args: Any, **_: Any) -> None:
         mine = self._mine(args[0])
+        self._assigned |= set(mine)
         log.info("partitions assigned", extra={"partitions": [p for _, p in mine]})
         self.hooks.on_assign(mine)
 
     async def _on_revoked(self, _sender: Any, *args: Any, **_: Any) -> None:
         mine = self._mine(args[0])
+        self._assigned -= set(mine)
+        # their uncommitted batches are processed again by the partitions' next owner, and counted there
+        self._uncommitted = deque(b for b in self._uncommitted if not set(b.ends) & set(mine))
         log.info("partitions revoked", extra={"partitions": [p for _, p in mine]})
         self.hooks.on_revoke(mine)
 
@@ -148,40 +402,114 @@ class FaustClassifier:
         return self._topics[name]
 
     async def _classify(self, stream: Any) -> None:  # faust.Stream: take_events is not on StreamT
+        """The agent. Faust acknowledges what the stream yields whenever it is iterated with acks
+        on, so the agent iterates a `noack()` stream and acknowledges each batch itself (in
+        `take_events`) only after its outputs are delivered."""
+        self._housekeeping.start()
+        try:
+            await self._batches(stream.noack())
+        finally:
+            self._housekeeping.stop()
+
+    async def _batches(self, stream: Any) -> None:
         batch = self.settings.batch
         async for events in stream.take_events(batch.max_items, within=batch.max_wait_ms / 1000 or 0.001):
-            self.hooks.on_loop()
-            records = [_record(e.message) for e in events]
-            outcome = await self._process_until_it_works(records)
-            sends = [
-                await self._topic(o.topic).send(key=o.key, value=o.value, headers=[(k, v or b"") for k, v in o.headers])
-                for o in outcome.outgoing
-            ]
+            delivered = False
+            self._busy_since = time.monotonic()
             try:
-                await asyncio.gather(*sends)  # every output acknowledged before these offsets are acked
-            except BrokerResponseError as e:
-                self._exit_if_refused(e)
-                raise
-            self.hooks.on_batch(outcome)
-            self.hooks.on_committed(outcome.outgoing, int(time.time() * 1000))
-            self.processed += len(records)
+                records = [_record(e.message) for e in events]
+                outcome = await self._process_until_it_works(records)
+                sent = await self._deliver(outcome.outgoing)
+                delivered = True
+            except Exception as e:
+                await self._stop_for_good(e)
+            finally:
+                if not delivered:  # an error, a refusal or a shutdown mid-batch
+                    _withhold_acks(events)
+            self._busy_since = None
+            # acknowledged when this body returns (take_events), committed by Faust later
+            self._uncommitted.append(_Delivered(_ends(records), outcome, sent, len(records)))
 
-    def _exit_if_refused(self, e: BrokerResponseError) -> None:
-        """A send the cluster refused (aiokafka's errno is Kafka's error code) ends the process
-        at once, as a crash would, printing the CLI's refusal line and exiting with its code.
+    async def _deliver(self, outgoing: list[Outgoing]) -> list[Outgoing]:
+        """Send every output and wait until each is acknowledged, retrying what failed (with
+        backoff) until it is; returns what was delivered. An output found too large (by the
+        producer, or by the broker, which judges a whole batch) is sent again on its own, then,
+        still too large, replaced by a dead letter without its body. Only a refusal (a missing
+        ACL) or a record too large even without its body gives up, by raising."""
+        backoff = Backoff(self.hooks.on_loop)
+        delivered: list[Outgoing] = []
+        pending = [(out, False) for out in outgoing]  # (output, send it on its own)
+        while pending:
+            failed = await self._send_all(pending)
+            delivered += [out for out, _ in pending if all(out is not f for f, _, _ in failed)]
+            pending, transient = [], None
+            for out, alone, error in failed:
+                if isinstance(error, TOO_LARGE):
+                    pending.append(
+                        (_too_large_dead_letter(out, self.settings.topics.dlq, error), True) if alone else (out, True)
+                    )
+                    continue
+                if isinstance(error, BrokerResponseError):
+                    self._raise_if_refused(error)
+                pending.append((out, alone))
+                transient = error
+            if transient is not None:
+                delay_s = backoff.step()
+                log.warning(
+                    "outputs not delivered; retrying",
+                    extra={"error": repr(transient), "outputs": len(pending), "retry_in_s": delay_s},
+                )
+                self.hooks.on_batch_failed("delivery")
+                self._housekeeping.check_topics_soon()  # an output topic deleted under us is recreated
+                await asyncio.sleep(delay_s)
+        return delivered
 
-        Not a graceful stop: `take_events` acknowledges a batch when the agent leaves it, even by
-        an exception or a cancellation, and Faust would then commit offsets whose outputs were
-        refused. Exiting here leaves the batch unacknowledged, so a restart sends it again."""
-        from worker.cli import EXIT_ACCESS
+    async def _send_all(self, pending: list[tuple[Outgoing, bool]]) -> list[tuple[Outgoing, bool, Exception]]:
+        """Send `pending` (together, then those marked to go alone one by one); what failed."""
+        together = [out for out, alone in pending if not alone]
+        results = await asyncio.gather(*map(self._send, together), return_exceptions=True)
+        failed = []
+        for out, result in zip(together, results, strict=True):
+            if isinstance(result, asyncio.CancelledError):
+                raise result
+            if isinstance(result, Exception):
+                failed.append((out, False, _cause(result)))
+        for out in (out for out, alone in pending if alone):  # one record per produce request
+            try:
+                await self._send(out)
+            except Exception as e:
+                failed.append((out, True, _cause(e)))
+        return failed
 
+    async def _send(self, out: Outgoing) -> None:
+        """One output, awaited until acknowledged. Not `topic.send`: that attaches the message
+        to the current event under Faust's stream_publish_on_commit, and on failure leaves the
+        error on a second future nobody awaits (logged with the message body)."""
+        topic = self._topic(out.topic)
+        headers = cast(Any, list(out.headers))  # Faust's stub says bytes; Kafka and aiokafka take None
+        pending = topic.as_future_message(key=out.key, value=out.value, headers=headers)
+        await topic.publish_message(pending, wait=True)
+
+    def _raise_if_refused(self, e: BrokerResponseError) -> None:
+        """`KafkaAccessError` naming the missing ACL when the cluster refused a send (aiokafka's
+        errno is Kafka's error code): retrying cannot help."""
         named = [a for a in e.args if isinstance(a, str) and a in self._resources.outputs]  # aiokafka's topic
         cause = explain(KafkaError(e.errno, str(e)), self._resources, "producer", named)
-        if cause is None:
-            return
-        sys.stderr.write(f"classify-worker: Kafka refused the worker: {cause}\n")
-        sys.stderr.flush()
-        os._exit(EXIT_ACCESS)
+        if cause is not None:
+            raise KafkaAccessError(cause) from e
+
+    async def _stop_for_good(self, e: Exception) -> NoReturn:
+        """A refusal or an unexpected error: the agent stops processing for good, the batch in
+        hand unacknowledged, and the error goes to whoever embeds it (`error`, `on_error`); the
+        process and the app's other agents run on. The agent then waits, inside the batch, until
+        the app stops: leaving it would let `take_events` take (and later acknowledge) more, and
+        raising would have Faust's supervisor restart the agent past the withheld batch."""
+        self.error = e
+        log.error("classifier agent stopped", extra={"error": str(e)}, exc_info=not isinstance(e, WorkerError))
+        if self._on_error is not None:
+            self._on_error(e)
+        await asyncio.Event().wait()  # cancelled when the app stops
+        raise AssertionError("unreachable: nothing sets this event")
 
     async def _process_until_it_works(self, records: list[Record]) -> Any:
         backoff = Backoff()
@@ -193,6 +521,55 @@ class FaustClassifier:
                 log.error("classifier failed on a batch; will retry", extra={"error": str(e), "size": len(records)})
                 self.hooks.on_batch_failed("inference")
                 await asyncio.sleep(backoff.step())
+
+
+@dataclasses.dataclass
+class _Delivered:
+    """A batch whose outputs were acknowledged: the offsets a commit must reach (next offset per
+    partition, dropped as commits reach them), its outcome, what was sent, its input count."""
+
+    ends: dict[tuple[str, int], int]
+    outcome: Outcome
+    sent: list[Outgoing]
+    records: int
+
+
+def _ends(records: list[Record]) -> dict[tuple[str, int], int]:
+    ends: dict[tuple[str, int], int] = {}
+    for r in records:
+        ends[(r.topic, r.partition)] = max(ends.get((r.topic, r.partition), 0), r.offset + 1)
+    return ends
+
+
+#: What aiokafka raises for a record too large: the producer's own check (max_request_size), or
+#: the broker's (the topic's max.message.bytes, for a record or a whole batch).
+TOO_LARGE = (MessageSizeTooLargeError, RecordListTooLargeError, RecordTooLargeError)
+
+
+def _cause(e: Exception) -> Exception:
+    """aiokafka's error inside Faust's `ProducerSendError`."""
+    cause = e.__cause__
+    return cause if isinstance(e, ProducerSendError) and isinstance(cause, Exception) else e
+
+
+def _too_large_dead_letter(out: Outgoing, dlq: str, error: Exception) -> Outgoing:
+    """The dead letter of an output Kafka will not take: the source's key and headers, no body
+    (which is what was too large). Raises when even that is refused."""
+    if out.kind == "dead_letter" and out.value is None and out.detail == "too_large":
+        raise DeliveryError(f"a dead letter to {dlq} is too large even without its body: {error!r}")
+    source = dataclasses.replace(out.source, value=None)
+    message = f"the {out.kind} output to {out.topic} is too large for Kafka ({type(error).__name__})"
+    return dead_letter(source, dlq, "too_large", message)
+
+
+def _withhold_acks(events: Any) -> None:
+    """Keep Faust from committing these events' offsets. `take_events` acknowledges every event
+    of a batch when the agent leaves it, even by an exception or a cancellation; an event whose
+    message is already marked acknowledged is skipped there, so its offset never reaches the
+    consumer's acknowledged set, and Faust commits each partition only up to its first offset
+    not acknowledged. The batch is consumed again after a restart or a rebalance."""
+    for event in events:
+        event.message.acked = True
 
 
 def _record(message: Any) -> Record:
@@ -223,21 +600,27 @@ def run(
     if settings.topics.auto_create:
         ensure_for(settings, pipeline.router)
     check_consumer_access(settings)  # aiokafka would retry a refused group or topic in silence
-    classifier = FaustClassifier(app, settings, pipeline, hooks)
+    classifier = FaustClassifier(app, settings, pipeline, hooks, on_error=lambda _: _graceful_stop())
     state = {"last": time.monotonic(), "seen": 0}
 
     @app.timer(0.5)  # type: ignore[untyped-decorator]
     async def bounded_run() -> None:
-        hooks.on_loop()
-        if classifier.processed != state["seen"]:
+        if classifier.busy or classifier.processed != state["seen"]:
             state.update(last=time.monotonic(), seen=classifier.processed)
         done = max_messages is not None and classifier.processed >= max_messages
         idle = idle_exit_s is not None and time.monotonic() - state["last"] > idle_exit_s
         if done or idle:
             log.info("bounded run finished", extra={"processed": classifier.processed, "idle": idle})
-            os.kill(os.getpid(), signal.SIGTERM)  # mode's own graceful shutdown: commit, leave group
+            _graceful_stop()
 
     worker = mode.Worker(app, loglevel=settings.log_level, override_logging=False, quiet=True)
     with contextlib.suppress(SystemExit):  # mode exits the process's loop with SystemExit(0)
         worker.execute_from_commandline()
+    if classifier.error is not None:
+        raise classifier.error  # the CLI maps it to its exit code
     return classifier.processed
+
+
+def _graceful_stop() -> None:
+    """mode's own graceful shutdown: commit what was acknowledged, leave the group."""
+    os.kill(os.getpid(), signal.SIGTERM)
