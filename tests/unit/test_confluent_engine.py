@@ -13,9 +13,10 @@ from typing import Any
 import pytest
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
+from tests.support.txn_fake import TxnProducer
 from worker.config import Settings, load_settings
 from worker.engines.confluent import AtLeastOnce, Batch, ConfluentEngine, Transactional, _UnitIds
-from worker.errors import DeliveryError
+from worker.errors import DeliveryError, FatalDeliveryError
 from worker.observability import Health, Hooks
 from worker.pipeline import Outcome, build_pipeline
 from worker.records import Outgoing, Record
@@ -254,3 +255,89 @@ def test_health_stays_alive_while_waiting_for_a_broker_that_is_down(
     # Then every probe during 3.5 s of waiting found the worker alive
     assert len(attempts) == 4 and attempts[-1] - attempts[0] > 10 * Health.STALE_AFTER_S
     assert len(probes) > 20 and all(probes), f"{probes.count(False)} of {len(probes)} probes saw a stalled loop"
+
+
+# -- issue 25, defect 1: a commit that timed out is resumed, never aborted ----------------------
+
+
+def _txn_settings(tiny_bundle: Path) -> Settings:
+    """A 1 s transaction timeout: the window in which a timed-out commit is resumed."""
+    return load_settings(
+        kafka={"bootstrap_servers": "127.0.0.1:1", "instance_id": "unit", "transaction_timeout_ms": 1000},
+        model={"path": tiny_bundle},
+        metrics={"enabled": False},
+    )
+
+
+def test_a_commit_that_timed_out_is_resumed_not_aborted(tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given calls that time out after 0.2 s, and a broker that stops answering for two commit attempts
+    monkeypatch.setattr("worker.engines.confluent.CALL_TIMEOUT_S", 0.2)
+    producer = TxnProducer(frozen_commits=2)
+    ticks: list[float] = []
+    tx = Transactional(producer, FakeConsumer(), _txn_settings(tiny_bundle), _UnitIds("u"), lambda: ticks.append(1))  # type: ignore[arg-type]
+    tx.add(_batch(0, 5, 6))
+    # When the unit is committed
+    done = tx.commit(final=False)
+    # Then the commit was called again until it completed: no abort (librdkafka would refuse it)
+    assert done is not None and len(done.batches) == 1
+    assert producer.calls == ["begin", "produce", "produce", "commit", "commit", "commit"], producer.calls
+    assert len(producer.committed) == 2 and producer.committed_offsets == [(TOPIC, 0, 7)]
+    assert len(ticks) >= 3, "liveness stamped before each attempt"
+    # And the next transaction starts normally
+    tx.add(_batch(0, 7))
+    assert producer.calls[-2:] == ["begin", "produce"]
+
+
+def test_a_commit_that_cannot_complete_within_the_transaction_timeout_is_fatal(
+    tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a broker frozen for longer than the transaction timeout (1 s)
+    monkeypatch.setattr("worker.engines.confluent.CALL_TIMEOUT_S", 0.2)
+    producer = TxnProducer(frozen_commits=1000)
+    tx = Transactional(producer, FakeConsumer(), _txn_settings(tiny_bundle), _UnitIds("u"))  # type: ignore[arg-type]
+    tx.add(_batch(0, 1))
+    started = time.monotonic()
+    # Then the commit ends in FatalDeliveryError (exit non-zero), not in an abort-retry loop
+    with pytest.raises(FatalDeliveryError, match="not completed within"):
+        tx.commit(final=False)
+    assert 1.0 <= time.monotonic() - started < 3.0
+    assert "abort" not in producer.calls
+
+
+def test_an_abortable_commit_error_aborts_and_an_unfinishable_abort_is_fatal(
+    tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("worker.engines.confluent.CALL_TIMEOUT_S", 0.2)
+    # Given a commit that fails with an error that requires an abort
+    producer = TxnProducer()
+    producer.refuse_topics["out"] = KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED, "denied")
+    tx = Transactional(producer, FakeConsumer(), _txn_settings(tiny_bundle), _UnitIds("u"))  # type: ignore[arg-type]
+    tx.add(_batch(0, 1))
+    with pytest.raises(DeliveryError) as failed:
+        tx.commit(final=False)
+    assert not isinstance(failed.value, FatalDeliveryError)
+    # When the abort itself times out and the broker stays away past the window
+    producer.frozen_aborts = 1000
+    # Then the abort is resumed (never left pending, to fail every later call) and finally fatal
+    with pytest.raises(FatalDeliveryError, match="not completed within"):
+        tx.abort()
+    assert set(producer.calls[producer.calls.index("abort") :]) == {"abort"}
+
+
+def test_engine_exits_non_zero_when_a_commit_cannot_complete(
+    engine: ConfluentEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given the engine holding a unit whose commit keeps timing out past the transaction timeout
+    monkeypatch.setattr("worker.engines.confluent.CALL_TIMEOUT_S", 0.2)
+    producer, consumer = TxnProducer(frozen_commits=1000), FakeConsumer()
+    engine.consumer, engine.producer = consumer, producer  # type: ignore[assignment]
+    engine.delivery = Transactional(producer, consumer, _txn_settings(engine.settings.model.path), _UnitIds("u"))  # type: ignore[arg-type]
+    engine._assigned = {(TOPIC, 0)}
+    engine.delivery.add(_batch(0, 3, 4))
+    # When the engine commits, fails, and handles the failure
+    with pytest.raises(DeliveryError) as failed:
+        engine._commit_if(True)
+    engine._fail(failed.value)
+    # Then it stops with a fatal error (run raises it: exit 1) instead of aborting and rewinding
+    assert engine._should_stop() and engine._fatal is not None
+    assert "abort" not in producer.calls and consumer.seeks == []

@@ -181,7 +181,13 @@ class _UnitIds:
 
 class Transactional:
     """Exactly-once: one transaction per commit interval, spanning its micro-batches. `tick`
-    runs between retries of a commit (liveness while the broker is slow or down)."""
+    runs between retries of a commit (liveness while the broker is slow or down).
+
+    Each transactional call is made as librdkafka asks (`kafka_util.retry_call`): a commit or
+    abort that timed out is resumed by calling it again, an abort follows only an error that
+    requires one, and a call that cannot complete within the transaction timeout (the broker
+    aborts the transaction by then anyway) is `FatalDeliveryError`: the process exits non-zero
+    and its restart fences what was left open."""
 
     def __init__(
         self,
@@ -196,26 +202,33 @@ class Transactional:
         self._consumer = consumer
         self._interval_s = settings.commit.interval_ms / 1000
         self._max_items = settings.commit.max_items
+        #: How long a transactional call is retried or resumed before the process gives up.
+        self._window_s = settings.kafka.transaction_timeout_ms / 1000
         self._ids = ids
         self._unit: str | None = None
-        self._abort_pending = False
         self._batches: list[Batch] = []
         self._items = 0
         self._started_at = 0.0
 
     def add(self, batch: Batch) -> None:
-        self._batches.append(batch)  # first: a failed begin must still rewind this batch
+        self._batches.append(batch)  # first: a failed produce must still rewind this batch
         self._items += len(batch.records)
+        batch.unit = self._unit or self._begin()
         try:
-            self._finish_abort()
-            if self._unit is None:
-                self._producer.begin_transaction()
-                self._unit, self._started_at = self._ids.next(), time.monotonic()
-            batch.unit = self._unit
             for out in batch.outcome.outgoing:
-                _produce(self._producer, out, self._unit.encode(), None)
+                _produce(self._producer, out, batch.unit.encode(), None)
         except KafkaException as e:
             _raise_delivery(e, "produce failed")
+
+    def _begin(self) -> str:
+        """`begin_transaction` is local: it fails only when the producer is in an error state
+        (fatal, or a call left unfinished), which no retry in this process repairs."""
+        try:
+            self._producer.begin_transaction()
+        except KafkaException as e:
+            raise FatalDeliveryError(f"begin_transaction failed: {kafka_error(e).str()}") from e
+        self._unit, self._started_at = self._ids.next(), time.monotonic()
+        return self._unit
 
     def held(self) -> list[Batch]:
         return list(self._batches)
@@ -228,36 +241,25 @@ class Transactional:
             return None
         offsets = next_offsets(r for b in self._batches for r in b.records)
         p = self._producer
+        group = self._consumer.consumer_group_metadata()
         try:
-            group = self._consumer.consumer_group_metadata()
             retry_call(
-                lambda: p.send_offsets_to_transaction(offsets, group, CALL_TIMEOUT_S), CALL_TIMEOUT_S, self._tick
+                lambda: p.send_offsets_to_transaction(offsets, group, CALL_TIMEOUT_S), self._window_s, self._tick
             )
-            retry_call(lambda: p.commit_transaction(CALL_TIMEOUT_S), CALL_TIMEOUT_S, self._tick)
-        except KafkaException as e:
-            _raise_delivery(e, "transaction not committed")
+            retry_call(lambda: p.commit_transaction(CALL_TIMEOUT_S), self._window_s, self._tick)
+        except KafkaException as e:  # only an error that requires an abort gets here
+            raise DeliveryError(f"transaction not committed: {kafka_error(e).str()}") from e
         return self._reset()
 
     def abort(self) -> Committed:
-        self._abort_pending = self._abort_pending or self._unit is not None
-        try:
-            self._finish_abort()
-        except FatalDeliveryError:
-            raise
-        except DeliveryError as e:  # the next `add` calls it again before anything else
-            log.warning("abort failed", extra={"error": str(e)})
+        """Abort the open transaction (an abort that timed out is resumed, never left behind:
+        librdkafka would refuse every other call until it completes)."""
+        if self._unit is not None:
+            try:
+                retry_call(lambda: self._producer.abort_transaction(CALL_TIMEOUT_S), self._window_s, self._tick)
+            except KafkaException as e:
+                raise FatalDeliveryError(f"abort_transaction failed: {kafka_error(e).str()}") from e
         return self._reset()
-
-    def _finish_abort(self) -> None:
-        """librdkafka: an abort that timed out must be called again until it completes; until
-        then every other transactional call fails ("conflicting abort_transaction call")."""
-        if not self._abort_pending:
-            return
-        try:
-            retry_call(lambda: self._producer.abort_transaction(CALL_TIMEOUT_S), CALL_TIMEOUT_S, self._tick)
-        except KafkaException as e:
-            _raise_delivery(e, "abort not finished")
-        self._abort_pending = False
 
     def _reset(self) -> Committed:
         done = Committed(self._unit or "", self._batches)
