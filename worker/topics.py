@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
-from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, ResourceType  # type: ignore[attr-defined]
 
 from worker.config import Settings
 from worker.errors import DeliveryError
@@ -50,6 +50,22 @@ def ensure_topics(admin: AdminClient, names: Iterable[str], partitions: int, rep
     if created:
         log.info("topics created", extra={"topics": created, "partitions": partitions})
     return sorted(created)
+
+
+def smallest_message_limit(admin: AdminClient, names: Iterable[str]) -> int | None:
+    """The smallest `max.message.bytes` among these topics; None when none could be read (the
+    producer's own limit then stands, and a refusal is dead-lettered after one rewind)."""
+    resources = [ConfigResource(ResourceType.TOPIC, n) for n in sorted(set(names))]
+    limits = []
+    for future in admin.describe_configs(resources, request_timeout=ADMIN_TIMEOUT_S).values():
+        try:
+            entry = future.result().get("max.message.bytes")
+        except KafkaException as e:
+            log.debug("topic config not available", extra={"error": str(e)})
+            continue
+        if entry is not None and entry.value:
+            limits.append(int(entry.value))
+    return min(limits) if limits else None
 
 
 def admin_client(settings: Settings) -> AdminClient:

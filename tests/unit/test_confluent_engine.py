@@ -15,7 +15,7 @@ from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from tests.support.txn_fake import TxnProducer
 from worker.config import Settings, load_settings
-from worker.engines.confluent import AtLeastOnce, Batch, ConfluentEngine, Transactional, _UnitIds
+from worker.engines.confluent import AtLeastOnce, Batch, ConfluentEngine, Sender, Transactional, _UnitIds
 from worker.errors import DeliveryError, FatalDeliveryError
 from worker.observability import Health, Hooks
 from worker.pipeline import Outcome, build_pipeline
@@ -341,3 +341,70 @@ def test_engine_exits_non_zero_when_a_commit_cannot_complete(
     # Then it stops with a fatal error (run raises it: exit 1) instead of aborting and rewinding
     assert engine._should_stop() and engine._fatal is not None
     assert "abort" not in producer.calls and consumer.seeks == []
+
+
+# -- issue 25, defect 2: a record Kafka refuses is dead-lettered, never retried forever ---------
+
+
+def _big_batch(partition: int, offset: int, value_bytes: int) -> Batch:
+    record = Record(b"v" * value_bytes, b"key", [("trace", b"t")], TOPIC, partition, offset)
+    small = Record(b"{}", b"k2", [], TOPIC, partition, offset + 1)
+    outgoing = [Outgoing("out", r.value, r.key, list(r.headers), "routed", r, "banking") for r in (record, small)]
+    return Batch([record, small], Outcome(outgoing, 0.0))
+
+
+def test_a_record_the_producer_refuses_is_dead_lettered_without_its_body_in_the_same_transaction(
+    tiny_bundle: Path,
+) -> None:
+    # Given a producer whose message.max.bytes is 1,000 and a routed output of 2,000 bytes
+    producer = TxnProducer(max_bytes=1000)
+    tx = Transactional(producer, FakeConsumer(), _txn_settings(tiny_bundle), _UnitIds("u"))  # type: ignore[arg-type]
+    batch = _big_batch(0, 10, 2000)
+    # When the batch is added and committed
+    tx.add(batch)
+    done = tx.commit(final=False)
+    # Then the refused output became a body-less dead letter; nothing was aborted
+    assert done is not None and "abort" not in producer.calls
+    (dl_topic, dl_key, dl_value, dl_headers), (routed_topic, *_) = producer.committed
+    headers = dict(dl_headers)
+    assert (dl_topic, dl_key, dl_value, routed_topic) == ("classify.dlq", b"key", None, "out")
+    assert headers["error.reason"] == b"too_large" and headers["error.value_bytes"] == b"2000"
+    assert [o.kind for o in batch.outcome.outgoing] == ["dead_letter", "routed"], "metrics count what was written"
+
+
+def test_a_record_the_broker_refuses_is_dead_lettered_after_one_rewind(engine: ConfluentEngine) -> None:
+    # Given an output topic whose broker refuses the record (its max.message.bytes is smaller)
+    producer, consumer = TxnProducer(), FakeConsumer()
+    producer.refuse_topics["out"] = KafkaError(KafkaError.MSG_SIZE_TOO_LARGE, "Broker: Message size too large")
+    engine.consumer, engine.producer = consumer, producer  # type: ignore[assignment]
+    sender = Sender(producer, "dlq", lambda: 10_000)  # type: ignore[arg-type]
+    engine.delivery = Transactional(producer, consumer, engine.settings, _UnitIds("u"), sender=sender)  # type: ignore[arg-type]
+    engine._assigned = {(TOPIC, 0)}
+    engine.delivery.add(_batch(0, 4))
+    # When the commit fails (the delivery report names the refusal) and the batch is processed again
+    with pytest.raises(DeliveryError) as failed:
+        engine._commit_if(True)
+    engine._fail(failed.value)
+    assert consumer.seeks == [(TOPIC, 0, 4)]
+    engine.delivery.add(_batch(0, 4))
+    engine._commit_if(True)
+    # Then the second attempt dead-letters it and commits: one rewind, not a loop
+    assert [(t, v) for t, _k, v, _h in producer.committed] == [("dlq", None)]
+    assert producer.committed_offsets == [(TOPIC, 0, 5)] and engine.processed == 1
+
+
+def test_at_least_once_dead_letters_a_record_the_broker_refused(tiny_bundle: Path) -> None:
+    producer, consumer = FakeProducer(), FakeConsumer()
+    alo = AtLeastOnce(producer, consumer, _settings(tiny_bundle), _UnitIds("u"))  # type: ignore[arg-type]
+    alo.add(_batch(0, 0, 1))
+    producer.ack(2, KafkaError(KafkaError.MSG_SIZE_TOO_LARGE, "Broker: Message size too large"))
+    with pytest.raises(DeliveryError):
+        alo.commit(final=False)
+    alo.abort()
+    # When the rewound batch comes back, its outputs go to the dead-letter topic instead
+    batch = _batch(0, 0, 1)
+    alo.add(batch)
+    assert [o.topic for o in batch.outcome.outgoing] == ["classify.dlq", "classify.dlq"]
+    producer.ack(2)
+    done = alo.commit(final=False)
+    assert done is not None and consumer.commits == [[(TOPIC, 0, 2)]]

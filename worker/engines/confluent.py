@@ -20,8 +20,9 @@ Lag and topic checks run on their own thread with their own admin client (`House
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
-import os
+import secrets
 import threading
 import time
 from collections import deque
@@ -46,13 +47,27 @@ from confluent_kafka.admin import AdminClient, OffsetSpec  # type: ignore[attr-d
 from worker.config import Settings
 from worker.errors import DeliveryError, FatalDeliveryError, InferenceError, WedgedClientError
 from worker.kafka_errors import ClientLog, KafkaAccessError, Resources, Side, check_access, explain, kafka_error_of
-from worker.kafka_util import CALL_TIMEOUT_S, Backoff, kafka_error, retry_call
+from worker.kafka_util import CALL_TIMEOUT_S, RECORD_REFUSALS, Backoff, kafka_error, retry_call
 from worker.messages import BATCH_HEADER
 from worker.observability import Hooks
-from worker.pipeline import Outcome, Pipeline
+from worker.pipeline import (
+    RECORD_OVERHEAD_BYTES,
+    Outcome,
+    Pipeline,
+    dead_letter,
+    fit_dead_letter,
+    max_record_bytes,
+)
 from worker.records import Headers, Outgoing, Record
 from worker.routing import Router
-from worker.topics import ADMIN_TIMEOUT_S, admin_client, ensure_topics, missing_topics, required_topics
+from worker.topics import (
+    ADMIN_TIMEOUT_S,
+    admin_client,
+    ensure_topics,
+    missing_topics,
+    required_topics,
+    smallest_message_limit,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -145,19 +160,102 @@ class Delivery(Protocol):
         """Drop the open unit; the engine rewinds to the first offsets of what it returns."""
 
 
-def _produce(
-    producer: Producer,
-    out: Outgoing,
-    unit: bytes,
-    on_delivery: Callable[[KafkaError | None, Message], None] | None,
-) -> None:
-    headers = cast(Any, [*out.headers, (BATCH_HEADER, unit)])
-    while True:
-        try:
-            producer.produce(out.topic, value=out.value, key=out.key, headers=headers, on_delivery=on_delivery)
-            return
-        except BufferError:  # local queue full: serve delivery reports, then try again
-            producer.poll(0.05)
+DeliveryCallback = Callable[[KafkaError | None, Message], None]
+
+
+def _source_of(out: Outgoing) -> tuple[str, int, int, str]:
+    return (out.source.topic, out.source.partition, out.source.offset, out.topic)
+
+
+class Sender:
+    """Produces a batch's outputs, each with the `route.batch` header of its commit unit.
+
+    An output the producer or the broker refuses for what it is (too large for
+    `message.max.bytes` or the topic's `max.message.bytes`, an invalid record: `RECORD_REFUSALS`)
+    is dead-lettered without its body: at once when `produce` refuses it, and after the abort
+    and rewind when a delivery report does (`note` keeps the refusal, keyed by the output's
+    source offset and topic, until the batch comes back). A poison message costs at most one
+    rewind, never a loop. While the local queue is full it serves delivery reports, stamps
+    liveness (the queue drains as the broker acknowledges) and gives up once the engine stops."""
+
+    #: Refusals noted and not met again (their partition moved away) are capped: bounded memory.
+    MAX_NOTED = 10_000
+
+    def __init__(
+        self,
+        producer: Producer,
+        dlq_topic: str,
+        max_record_bytes: Callable[[], int],
+        tick: Callable[[], None] = lambda: None,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> None:
+        self._producer = producer
+        self._dlq = dlq_topic
+        self._max_record_bytes = max_record_bytes
+        self._tick = tick
+        self._should_stop = should_stop
+        self._noted: dict[tuple[str, int, int, str], str] = {}
+
+    def send(self, batch: Batch, unit: str, on_delivery: Callable[[Outgoing], DeliveryCallback | None]) -> int:
+        """Produce the batch's outputs, replacing refused ones in `batch.outcome.outgoing` (so the
+        metrics count what was written); return how many records were produced."""
+        header = (BATCH_HEADER, unit.encode())
+        sent: list[Outgoing] = []
+        for noted in batch.outcome.outgoing:
+            out = self._after_refusal(noted)
+            if out is not None and (out := self._send(out, header, on_delivery)) is not None:
+                sent.append(out)
+        batch.outcome.outgoing[:] = sent
+        return len(sent)
+
+    def note(self, out: Outgoing, err: KafkaError | None, _msg: Message | None = None) -> None:
+        """A delivery report: remember a refusal of `out` for when its batch is processed again."""
+        if err is not None and err.code() in RECORD_REFUSALS and len(self._noted) < self.MAX_NOTED:
+            self._noted[_source_of(out)] = err.str()
+
+    def _after_refusal(self, out: Outgoing) -> Outgoing | None:
+        error = self._noted.pop(_source_of(out), None)
+        return out if error is None else self._stand_in(out, error)
+
+    def _stand_in(self, out: Outgoing, error: str) -> Outgoing | None:
+        """The dead letter that replaces a refused output, without a body; none for a shadow
+        record (its source has its own output)."""
+        if out.kind == "shadow":
+            return None
+        if out.kind == "dead_letter" and out.value is None:
+            raise DeliveryError(f"dead letter refused even without its body: {error}")
+        log.warning(
+            "output refused by Kafka; dead-lettered without its body",
+            extra={"topic": out.topic, "partition": out.source.partition, "offset": out.source.offset, "error": error},
+        )
+        if out.kind != "dead_letter":
+            reason = "too_large" if "too large" in error.lower() else "refused"
+            out = dead_letter(out.source, self._dlq, reason, f"{out.topic} refused the {out.kind} record: {error}")
+        return fit_dead_letter(out, self._max_record_bytes(), keep_body=False)
+
+    def _send(
+        self, out: Outgoing, header: tuple[str, bytes], on_delivery: Callable[[Outgoing], DeliveryCallback | None]
+    ) -> Outgoing | None:
+        while True:
+            try:
+                headers = cast(Any, [*out.headers, header])
+                self._producer.produce(
+                    out.topic, value=out.value, key=out.key, headers=headers, on_delivery=on_delivery(out)
+                )
+                return out
+            except BufferError as e:  # local queue full: serve delivery reports, then try again
+                if self._should_stop():
+                    raise DeliveryError("stopped while the producer's queue was full") from e
+                self._tick()
+                self._producer.poll(0.05)
+            except KafkaException as e:
+                err = kafka_error(e)
+                if err.code() not in RECORD_REFUSALS:
+                    raise
+                stand_in = self._stand_in(out, err.str())
+                if stand_in is None:
+                    return None
+                out = stand_in
 
 
 def _raise_delivery(e: KafkaException, what: str) -> None:
@@ -168,10 +266,11 @@ def _raise_delivery(e: KafkaException, what: str) -> None:
 
 
 class _UnitIds:
-    """`instance:pid:seq`: unique across restarts of one replica, so an id names one attempt."""
+    """`instance:nonce:seq`: unique across restarts of one replica, so an id names one attempt.
+    The nonce is random per process: in a container every process is PID 1."""
 
     def __init__(self, instance_id: str) -> None:
-        self._prefix = f"{instance_id}:{os.getpid()}:"
+        self._prefix = f"{instance_id}:{secrets.token_hex(4)}:"
         self._seq = 0
 
     def next(self) -> str:
@@ -196,9 +295,12 @@ class Transactional:
         settings: Settings,
         ids: _UnitIds,
         tick: Callable[[], None] = lambda: None,
+        sender: Sender | None = None,
     ) -> None:
         self._tick = tick
         self._producer = producer
+        limit = max_record_bytes(settings)
+        self._sender = sender or Sender(producer, settings.topics.dlq, lambda: limit, tick)
         self._consumer = consumer
         self._interval_s = settings.commit.interval_ms / 1000
         self._max_items = settings.commit.max_items
@@ -214,9 +316,9 @@ class Transactional:
         self._batches.append(batch)  # first: a failed produce must still rewind this batch
         self._items += len(batch.records)
         batch.unit = self._unit or self._begin()
-        try:
-            for out in batch.outcome.outgoing:
-                _produce(self._producer, out, batch.unit.encode(), None)
+        note = self._sender.note
+        try:  # delivery reports come for refused records only (`delivery.report.only.error`)
+            self._sender.send(batch, batch.unit, lambda out: functools.partial(note, out))
         except KafkaException as e:
             _raise_delivery(e, "produce failed")
 
@@ -271,8 +373,12 @@ class AtLeastOnce:
     """Asynchronous produce; offsets committed at the interval up to the last micro-batch whose
     outputs were all acknowledged, in order (so per partition in order too)."""
 
-    def __init__(self, producer: Producer, consumer: Consumer, settings: Settings, ids: _UnitIds) -> None:
+    def __init__(
+        self, producer: Producer, consumer: Consumer, settings: Settings, ids: _UnitIds, sender: Sender | None = None
+    ) -> None:
         self._producer = producer
+        limit = max_record_bytes(settings)
+        self._sender = sender or Sender(producer, settings.topics.dlq, lambda: limit)
         self._consumer = consumer
         self._interval_s = settings.commit.interval_ms / 1000
         self._ids = ids
@@ -280,16 +386,22 @@ class AtLeastOnce:
         self._last_commit = time.monotonic()
 
     def add(self, batch: Batch) -> None:
-        def on_delivery(err: KafkaError | None, _msg: Message) -> None:
-            batch.unacked -= 1
-            if err is not None and batch.error is None:
-                batch.error = err
+        note = self._sender.note
 
-        batch.unacked, batch.unit = len(batch.outcome.outgoing), self._ids.next()
+        def on_delivery(out: Outgoing) -> DeliveryCallback:
+            def delivered(err: KafkaError | None, msg: Message) -> None:
+                batch.unacked -= 1
+                if err is not None:
+                    note(out, err, msg)
+                    batch.error = batch.error or err
+
+            return delivered
+
+        batch.unit = self._ids.next()
         self._batches.append(batch)
         try:
-            for out in batch.outcome.outgoing:
-                _produce(self._producer, out, batch.unit.encode(), on_delivery)
+            # after: reports served while the queue was full have already counted down
+            batch.unacked += self._sender.send(batch, batch.unit, on_delivery)
         except KafkaException as e:
             _raise_delivery(e, "produce failed")
         self._producer.poll(0)
@@ -343,7 +455,7 @@ class Housekeeping:
         self._router = router
         self._hooks = hooks
         self._assigned = assigned
-        self._admin: AdminClient = admin_client(settings)
+        self.admin: AdminClient = admin_client(settings)
         self._wake = threading.Event()
         self._stopped = threading.Event()
         self._topics_now = False
@@ -389,10 +501,10 @@ class Housekeeping:
             names = required_topics(self._settings, self._router)
             t = self._settings.topics
             if t.auto_create:
-                created = ensure_topics(self._admin, names, t.partitions, t.replication)
+                created = ensure_topics(self.admin, names, t.partitions, t.replication)
                 if created:
                     log.warning("recreated missing topics", extra={"topics": created})
-            elif missing := missing_topics(self._admin, names):
+            elif missing := missing_topics(self.admin, names):
                 log.error("output topics missing; create them or set CW_TOPICS__AUTO_CREATE", extra={"topics": missing})
         except (KafkaException, DeliveryError) as e:
             log.warning("cannot check topics", extra={"error": str(e)})
@@ -404,10 +516,10 @@ class Housekeeping:
             return
         try:
             group = ConsumerGroupTopicPartitions(self._settings.kafka.group_id, tps)
-            fut = self._admin.list_consumer_group_offsets([group], request_timeout=ADMIN_TIMEOUT_S)
+            fut = self.admin.list_consumer_group_offsets([group], request_timeout=ADMIN_TIMEOUT_S)
             committed = {(tp.topic, tp.partition): tp.offset for tp in fut[group.group_id].result().topic_partitions}
             latest = OffsetSpec.latest()  # type: ignore[no-untyped-call]
-            highs = self._admin.list_offsets({tp: latest for tp in tps}, request_timeout=ADMIN_TIMEOUT_S)
+            highs = self.admin.list_offsets({tp: latest for tp in tps}, request_timeout=ADMIN_TIMEOUT_S)
             for tp, f in highs.items():
                 done = max(committed.get((tp.topic, tp.partition), 0), 0)  # -1001: nothing committed yet
                 self._hooks.on_lag(tp.topic, tp.partition, max(0, f.result().offset - done))
@@ -454,13 +566,18 @@ class ConfluentEngine:
                 **settings.librdkafka_producer(),
                 "logger": self._client_log,
                 "error_cb": lambda err: self._on_error(err, "producer"),
+                # exactly-once needs delivery reports only for refused records (`Sender.note`)
+                **({"delivery.report.only.error": True} if self.exactly_once else {}),
             }
         )
         ids = _UnitIds(settings.kafka.instance_id)
+        sender = Sender(
+            self.producer, settings.topics.dlq, lambda: pipeline.max_record_bytes, hooks.on_loop, self._should_stop
+        )
         self.delivery: Delivery = (
-            Transactional(self.producer, self.consumer, settings, ids, hooks.on_loop)
+            Transactional(self.producer, self.consumer, settings, ids, hooks.on_loop, sender)
             if self.exactly_once
-            else AtLeastOnce(self.producer, self.consumer, settings, ids)
+            else AtLeastOnce(self.producer, self.consumer, settings, ids, sender)
         )
         self.housekeeping = Housekeeping(settings, pipeline.router, hooks, self._assigned_now)
 
@@ -484,6 +601,7 @@ class ConfluentEngine:
                 names = required_topics(self.settings, self.pipeline.router)
                 admin = admin_client(self.settings)
                 self._retry("create topics", lambda: ensure_topics(admin, names, t.partitions, t.replication))
+            self._fit_to_topics()
             if self.exactly_once:
                 self._retry("init_transactions", lambda: self.producer.init_transactions(CALL_TIMEOUT_S))
             self.consumer.subscribe(
@@ -501,6 +619,19 @@ class ConfluentEngine:
             raise KafkaAccessError(self._refusal)
         if self._fatal is not None:
             raise FatalDeliveryError(f"fatal Kafka error: {self._fatal.str()}")
+
+    def _fit_to_topics(self) -> None:
+        """Size records against the output topics' `max.message.bytes` too, where it is below the
+        producer's limit: such a record is dead-lettered in its batch, before any produce."""
+        outputs = set(required_topics(self.settings, self.pipeline.router)) - {self.settings.topics.input}
+        try:
+            smallest = smallest_message_limit(self.housekeeping.admin, outputs)
+        except KafkaException as e:
+            log.warning("output topics' size limits not available", extra={"error": str(e)})
+            return
+        if smallest is not None and smallest - RECORD_OVERHEAD_BYTES < self.pipeline.max_record_bytes:
+            self.pipeline.max_record_bytes = smallest - RECORD_OVERHEAD_BYTES
+            log.info("records sized to the output topics' limit", extra={"max_message_bytes": smallest})
 
     def _loop(self, max_messages: int | None, idle_exit_s: float | None) -> None:
         backoff = Backoff(self.hooks.on_loop)
