@@ -408,3 +408,20 @@ def test_at_least_once_dead_letters_a_record_the_broker_refused(tiny_bundle: Pat
     producer.ack(2)
     done = alo.commit(final=False)
     assert done is not None and consumer.commits == [[(TOPIC, 0, 2)]]
+
+
+def test_a_failed_seek_after_an_abort_is_fatal(engine: ConfluentEngine) -> None:
+    # Given a consumer that cannot seek (the rewound records would otherwise be skipped: lost)
+    _producer, consumer = _failing_transaction(engine)
+
+    def no_seek(tp: TopicPartition) -> None:
+        raise KafkaException(KafkaError(KafkaError._STATE, "Erroneous state"))
+
+    consumer.seek = no_seek  # type: ignore[method-assign]
+    engine.delivery.add(_batch(0, 40, 41))
+    with pytest.raises(DeliveryError) as failed:
+        engine._commit_if(True)
+    # When the engine aborts and rewinds
+    engine._fail(failed.value)
+    # Then it stops with a fatal error (run raises it: exit 1), instead of reading on
+    assert engine._should_stop() and engine._fatal is not None and "seek failed" in engine._fatal.str()

@@ -467,7 +467,8 @@ class Housekeeping:
     def stop(self) -> None:
         self._stopped.set()
         self._wake.set()
-        self._thread.join(HOUSEKEEPING_JOIN_S)  # a daemon: an admin call stuck on a down broker is abandoned
+        if self._thread.ident is not None:  # started (run may fail before it starts)
+            self._thread.join(HOUSEKEEPING_JOIN_S)  # a daemon: an admin call stuck on a down broker is abandoned
 
     def check_topics_soon(self) -> None:
         self._topics_now = True
@@ -623,6 +624,8 @@ class ConfluentEngine:
     def _fit_to_topics(self) -> None:
         """Size records against the output topics' `max.message.bytes` too, where it is below the
         producer's limit: such a record is dead-lettered in its batch, before any produce."""
+        if self._should_stop():
+            return
         outputs = set(required_topics(self.settings, self.pipeline.router)) - {self.settings.topics.input}
         try:
             smallest = smallest_message_limit(self.housekeeping.admin, outputs)
@@ -851,8 +854,10 @@ class ConfluentEngine:
                 continue
             try:
                 self.consumer.seek(TopicPartition(topic, partition, offset))
-            except KafkaException as e:
-                log.warning("seek failed", extra={"partition": partition, "error": str(e)})
+            except KafkaException as e:  # the consumer would read on past what was dropped: lost
+                err = kafka_error(e)
+                log.critical("seek failed after an abort", extra={"partition": partition, "error": err.str()})
+                self._fatal = self._fatal or KafkaError(KafkaError._FATAL, f"seek failed: {err.str()}", fatal=True)
         self._rewind_to.clear()
 
     # -- callbacks ----------------------------------------------------------------------------
