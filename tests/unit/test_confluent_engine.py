@@ -90,6 +90,8 @@ class FakeConsumer:
     def __init__(self) -> None:
         self.seeks: list[tuple[str, int, int]] = []
         self.commits: list[list[tuple[str, int, int]]] = []
+        self.paused: list[list[tuple[str, int]]] = []
+        self.resumed: list[list[tuple[str, int]]] = []
 
     def consumer_group_metadata(self) -> object:
         return object()
@@ -104,6 +106,15 @@ class FakeConsumer:
         self.commits.append([(tp.topic, tp.partition, tp.offset) for tp in offsets])
 
     def close(self) -> None: ...
+
+    def assignment(self) -> list[TopicPartition]:
+        return [TopicPartition(TOPIC, 0), TopicPartition(TOPIC, 1)]
+
+    def pause(self, tps: list[TopicPartition]) -> None:
+        self.paused.append([(tp.topic, tp.partition) for tp in tps])
+
+    def resume(self, tps: list[TopicPartition]) -> None:
+        self.resumed.append([(tp.topic, tp.partition) for tp in tps])
 
 
 def test_one_transaction_spans_the_micro_batches_of_an_interval(tiny_bundle: Path) -> None:
@@ -425,3 +436,64 @@ def test_a_failed_seek_after_an_abort_is_fatal(engine: ConfluentEngine) -> None:
     engine._fail(failed.value)
     # Then it stops with a fatal error (run raises it: exit 1), instead of reading on
     assert engine._should_stop() and engine._fatal is not None and "seek failed" in engine._fatal.str()
+
+
+# -- issue 25, defect 4: memory bounded by bytes ------------------------------------------------
+
+
+def _bytes_settings(tiny_bundle: Path) -> Settings:
+    return load_settings(
+        kafka={"bootstrap_servers": "127.0.0.1:1", "instance_id": "unit"},
+        model={"path": tiny_bundle},
+        commit={"interval_ms": 60_000, "max_items": 1000},
+        limits={"max_held_bytes": 10_000},
+        metrics={"enabled": False},
+    )
+
+
+def _sized_batch(partition: int, offset: int, value_bytes: int) -> Batch:
+    r = Record(b"v" * value_bytes, None, [], TOPIC, partition, offset)
+    return Batch([r], Outcome([Outgoing("out", b"{}", None, [], "routed", r, "banking")], 0.0))
+
+
+def test_an_exactly_once_unit_commits_early_at_the_byte_cap(tiny_bundle: Path) -> None:
+    tx = Transactional(TxnProducer(), FakeConsumer(), _bytes_settings(tiny_bundle), _UnitIds("u"))  # type: ignore[arg-type]
+    tx.add(_sized_batch(0, 0, 6_000))
+    assert not tx.due(time.monotonic()), "under the cap, the interval (60 s) decides"
+    tx.add(_sized_batch(0, 1, 6_000))
+    assert tx.due(time.monotonic()), "12,000 held bytes: over the 10,000-byte cap"
+    assert tx.commit(final=False) is not None and not tx.due(time.monotonic())
+
+
+def test_at_least_once_pauses_consuming_while_unacknowledged_bytes_exceed_the_cap(engine: ConfluentEngine) -> None:
+    # Given at-least-once with a 10,000-byte cap and 12,000 bytes whose outputs are not acknowledged
+    producer, consumer = FakeProducer(), FakeConsumer()
+    engine.consumer, engine.producer = consumer, producer  # type: ignore[assignment]
+    settings = _bytes_settings(engine.settings.model.path)  # type: ignore[arg-type]
+    engine.delivery = AtLeastOnce(producer, consumer, settings, _UnitIds("u"))  # type: ignore[arg-type]
+    engine.delivery.add(_sized_batch(0, 0, 6_000))
+    engine._throttle()
+    assert consumer.paused == [], "under the cap: consuming goes on"
+    engine.delivery.add(_sized_batch(0, 1, 6_000))
+    # When the loop turns, then the assigned partitions are paused
+    engine._throttle()
+    assert consumer.paused == [[(TOPIC, 0), (TOPIC, 1)]]
+    # And once the outputs are acknowledged and committed, consuming resumes
+    producer.ack(2)
+    engine.delivery.commit(final=False)
+    engine._throttle()
+    assert consumer.resumed == [[(TOPIC, 0), (TOPIC, 1)]]
+
+
+def test_a_full_producer_queue_stamps_liveness_and_gives_up_when_stopping() -> None:
+    # Given a producer whose local queue stays full (a broker that does not acknowledge)
+    class FullQueue(FakeProducer):
+        def produce(self, topic: str, **kw: Any) -> None:
+            raise BufferError("Local: Queue full")
+
+    ticks: list[int] = []
+    sender = Sender(FullQueue(), "dlq", lambda: 10_000, lambda: ticks.append(1), lambda: len(ticks) >= 5)  # type: ignore[arg-type]
+    # When a batch is sent, then liveness is stamped while waiting, and a stop request ends the wait
+    with pytest.raises(DeliveryError, match="queue was full"):
+        sender.send(_batch(0, 1), "u:1", lambda _out: None)
+    assert len(ticks) == 5

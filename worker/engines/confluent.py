@@ -130,6 +130,11 @@ class Batch:
     #: The commit unit its outputs carry in the `route.batch` header.
     unit: str = ""
 
+    @property
+    def inbound_bytes(self) -> int:
+        """What holding the batch costs, roughly: its inbound values (outputs are about as large)."""
+        return sum(len(r.value or b"") for r in self.records)
+
 
 @dataclass(slots=True)
 class Committed:
@@ -152,6 +157,10 @@ class Delivery(Protocol):
 
     def due(self, now: float) -> bool:
         """The interval (or the unit's size cap) says: commit now."""
+
+    def backlogged(self) -> bool:
+        """Held batches exceed `limits.max_held_bytes` and only waiting brings them under it:
+        take no more messages for now."""
 
     def commit(self, final: bool) -> Committed | None:
         """Make what can be made durable durable; `final`: wait for every acknowledgement first."""
@@ -304,17 +313,20 @@ class Transactional:
         self._consumer = consumer
         self._interval_s = settings.commit.interval_ms / 1000
         self._max_items = settings.commit.max_items
+        self._max_bytes = settings.limits.max_held_bytes
         #: How long a transactional call is retried or resumed before the process gives up.
         self._window_s = settings.kafka.transaction_timeout_ms / 1000
         self._ids = ids
         self._unit: str | None = None
         self._batches: list[Batch] = []
         self._items = 0
+        self._bytes = 0
         self._started_at = 0.0
 
     def add(self, batch: Batch) -> None:
         self._batches.append(batch)  # first: a failed produce must still rewind this batch
         self._items += len(batch.records)
+        self._bytes += batch.inbound_bytes
         batch.unit = self._unit or self._begin()
         note = self._sender.note
         try:  # delivery reports come for refused records only (`delivery.report.only.error`)
@@ -336,7 +348,13 @@ class Transactional:
         return list(self._batches)
 
     def due(self, now: float) -> bool:
-        return self._unit is not None and (now - self._started_at >= self._interval_s or self._items >= self._max_items)
+        if self._unit is None:
+            return False
+        over_bytes = self._bytes >= self._max_bytes  # one more batch at most is added before the commit
+        return now - self._started_at >= self._interval_s or self._items >= self._max_items or over_bytes
+
+    def backlogged(self) -> bool:
+        return False  # the unit commits early at the byte cap instead (`due`)
 
     def commit(self, final: bool) -> Committed | None:
         if self._unit is None:
@@ -365,7 +383,7 @@ class Transactional:
 
     def _reset(self) -> Committed:
         done = Committed(self._unit or "", self._batches)
-        self._unit, self._batches, self._items = None, [], 0
+        self._unit, self._batches, self._items, self._bytes = None, [], 0, 0
         return done
 
 
@@ -381,6 +399,8 @@ class AtLeastOnce:
         self._sender = sender or Sender(producer, settings.topics.dlq, lambda: limit)
         self._consumer = consumer
         self._interval_s = settings.commit.interval_ms / 1000
+        self._max_bytes = settings.limits.max_held_bytes
+        self._bytes = 0
         self._ids = ids
         self._batches: deque[Batch] = deque()
         self._last_commit = time.monotonic()
@@ -399,6 +419,7 @@ class AtLeastOnce:
 
         batch.unit = self._ids.next()
         self._batches.append(batch)
+        self._bytes += batch.inbound_bytes
         try:
             # after: reports served while the queue was full have already counted down
             batch.unacked += self._sender.send(batch, batch.unit, on_delivery)
@@ -431,8 +452,9 @@ class AtLeastOnce:
             self._consumer.commit(offsets=next_offsets(r for b in acked for r in b.records), asynchronous=False)
         except KafkaException as e:
             _raise_delivery(e, "offset commit failed")
-        for _ in acked:
+        for batch in acked:
             self._batches.popleft()
+            self._bytes -= batch.inbound_bytes
         return Committed(",".join(b.unit for b in acked), acked)
 
     def abort(self) -> Committed:
@@ -440,7 +462,13 @@ class AtLeastOnce:
         self._producer.flush(CALL_TIMEOUT_S)
         dropped = Committed(",".join(b.unit for b in self._batches), list(self._batches))
         self._batches.clear()
+        self._bytes = 0
         return dropped
+
+    def backlogged(self) -> bool:
+        """Outputs not yet acknowledged (a slow or unreachable broker) hold their batches: the
+        engine pauses consuming until acknowledgements bring the held bytes under the cap."""
+        return self._bytes >= self._max_bytes
 
 
 class Housekeeping:
@@ -551,6 +579,8 @@ class ConfluentEngine:
         #: Seek targets left by an abort inside a rebalance callback, applied after the poll.
         self._rewind_to: dict[tuple[str, int], int] = {}
         self._in_callback = False
+        #: Consuming paused by `_throttle` (at-least-once, over the held-bytes cap).
+        self._paused = False
         self._assigned: set[tuple[str, int]] = set()
         self._assigned_at: float | None = None
         self._assigned_lock = threading.Lock()
@@ -642,6 +672,7 @@ class ConfluentEngine:
         while not self._should_stop():
             if not self._classifier_stuck():
                 self.hooks.on_loop()
+            self._throttle()
             try:
                 if self._turn(self._room(max_messages)):
                     last_message = time.monotonic()
@@ -657,6 +688,22 @@ class ConfluentEngine:
             if self._idle(last_message, idle_exit_s):
                 log.info("idle, exiting", extra={"idle_exit_s": idle_exit_s, "processed": self.processed})
                 return
+
+    def _throttle(self) -> None:
+        """Pause the assigned partitions while the held batches are over the byte cap (outputs
+        waiting for acknowledgements); resume once under it. The loop keeps polling meanwhile
+        (rebalances, liveness); a partition assigned while paused is paused at the next turn."""
+        if self.delivery.backlogged():
+            if not self._paused:
+                cap = self.settings.limits.max_held_bytes
+                log.info("outputs unacknowledged over the byte cap; pausing", extra={"max_held_bytes": cap})
+            self._paused = True
+            with contextlib.suppress(KafkaException):  # nothing assigned right now
+                self.consumer.pause(self.consumer.assignment())
+        elif self._paused:
+            self._paused = False
+            with contextlib.suppress(KafkaException):
+                self.consumer.resume(self.consumer.assignment())
 
     def _close(self) -> None:
         self.housekeeping.stop()
