@@ -12,12 +12,21 @@ from typing import Any
 
 import pytest
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
+from prometheus_client import CollectorRegistry
 
 from tests.support.txn_fake import TxnProducer
 from worker.config import Settings, load_settings
-from worker.engines.confluent import AtLeastOnce, Batch, ConfluentEngine, Sender, Transactional, _UnitIds
+from worker.engines.confluent import (
+    AtLeastOnce,
+    Batch,
+    ConfluentEngine,
+    Housekeeping,
+    Sender,
+    Transactional,
+    _UnitIds,
+)
 from worker.errors import DeliveryError, FatalDeliveryError
-from worker.observability import Health, Hooks
+from worker.observability import Health, Hooks, PrometheusHooks
 from worker.pipeline import Outcome, build_pipeline
 from worker.records import Outgoing, Record
 
@@ -497,3 +506,81 @@ def test_a_full_producer_queue_stamps_liveness_and_gives_up_when_stopping() -> N
     with pytest.raises(DeliveryError, match="queue was full"):
         sender.send(_batch(0, 1), "u:1", lambda _out: None)
     assert len(ticks) == 5
+
+
+# -- issue 25, defect 8: metrics ------------------------------------------------------------------
+
+
+def _sample(hooks: PrometheusHooks, name: str, labels: dict[str, str] | None = None) -> float | None:
+    return hooks.registry.get_sample_value(name, labels or {})  # type: ignore[attr-defined]
+
+
+def _prometheus(engine: ConfluentEngine) -> PrometheusHooks:
+    registry = CollectorRegistry()
+    hooks = PrometheusHooks(registry)
+    hooks.registry = registry  # type: ignore[attr-defined]
+    engine.hooks = hooks
+    return hooks
+
+
+def test_lost_partitions_are_not_counted_as_delivery_failures(engine: ConfluentEngine) -> None:
+    hooks = _prometheus(engine)
+    _producer, consumer = _failing_transaction(engine)
+    engine.delivery.add(_batch(0, 5, 6))
+    engine._on_lost(consumer, [TopicPartition(TOPIC, 0)])  # type: ignore[arg-type]
+    assert not engine.delivery.held(), "the unit was abandoned"
+    assert _sample(hooks, "classify_batch_failures_total", {"stage": "delivery"}) is None
+
+
+def test_a_commit_is_timed(engine: ConfluentEngine) -> None:
+    hooks = _prometheus(engine)
+    producer, consumer = FakeProducer(), FakeConsumer()
+    engine.consumer, engine.producer = consumer, producer  # type: ignore[assignment]
+    engine.delivery = Transactional(producer, consumer, engine.settings, _UnitIds("u"))  # type: ignore[arg-type]
+    engine.delivery.add(_batch(0, 1))
+    assert engine._commit_if(True)
+    assert _sample(hooks, "classify_commit_seconds_count") == 1.0
+
+
+class _Done:
+    def __init__(self, value: object) -> None:
+        self.value = value
+
+    def result(self, *_a: object) -> object:
+        return self.value
+
+
+class FakeAdmin:
+    """Partition 0 has a committed offset (40); partition 1 none yet, and its log starts at 100
+    (retention deleted the first 100 records)."""
+
+    def list_consumer_group_offsets(self, groups: list[Any], **_kw: object) -> dict[str, _Done]:
+        tps = [TopicPartition(TOPIC, 0, 40), TopicPartition(TOPIC, 1, -1001)]
+        return {groups[0].group_id: _Done(type("R", (), {"topic_partitions": tps})())}
+
+    def list_offsets(self, specs: dict[TopicPartition, Any], **_kw: object) -> dict[TopicPartition, _Done]:
+        earliest = "earliest" in repr(next(iter(specs.values()))).lower()
+        at = {0: 0, 1: 100} if earliest else {0: 50, 1: 130}
+        return {tp: _Done(type("O", (), {"offset": at[tp.partition]})()) for tp in specs}
+
+
+def test_lag_counts_from_the_log_start_where_nothing_is_committed(tiny_bundle: Path) -> None:
+    registry = CollectorRegistry()
+    hooks = PrometheusHooks(registry)
+    settings = _settings(tiny_bundle)
+    hooks.on_assign([(TOPIC, 0), (TOPIC, 1)])
+    house = Housekeeping(settings, build_pipeline(settings).router, hooks, lambda: {(TOPIC, 0), (TOPIC, 1)})
+    house.admin = FakeAdmin()  # type: ignore[assignment]
+    house.report_lag()
+    lag = {p: registry.get_sample_value("classify_consumer_lag", {"topic": TOPIC, "partition": p}) for p in "01"}
+    assert lag == {"0": 10.0, "1": 30.0}, "partition 1: 130 - 100 (log start), not 130 - 0"
+
+
+def test_a_lag_report_after_a_revoke_does_not_bring_the_gauge_back() -> None:
+    registry = CollectorRegistry()
+    hooks = PrometheusHooks(registry)
+    hooks.on_assign([(TOPIC, 0)])
+    hooks.on_lag(TOPIC, 0, 5)
+    hooks.on_revoke([(TOPIC, 0)])
+    hooks.on_lag(TOPIC, 0, 5)  # computed by housekeeping before the revoke, reported after
+    assert registry.get_sample_value("classify_consumer_lag", {"topic": TOPIC, "partition": "0"}) is None

@@ -538,6 +538,10 @@ class Housekeeping:
         except (KafkaException, DeliveryError) as e:
             log.warning("cannot check topics", extra={"error": str(e)})
 
+    def _offsets(self, tps: list[TopicPartition], spec: OffsetSpec) -> dict[tuple[str, int], int]:
+        futures = self.admin.list_offsets({tp: spec for tp in tps}, request_timeout=ADMIN_TIMEOUT_S)
+        return {(tp.topic, tp.partition): f.result().offset for tp, f in futures.items()}
+
     def report_lag(self) -> None:
         """High watermark minus the group's committed offset, both read from the broker."""
         tps = [TopicPartition(t, p) for t, p in sorted(self._assigned())]
@@ -547,11 +551,14 @@ class Housekeeping:
             group = ConsumerGroupTopicPartitions(self._settings.kafka.group_id, tps)
             fut = self.admin.list_consumer_group_offsets([group], request_timeout=ADMIN_TIMEOUT_S)
             committed = {(tp.topic, tp.partition): tp.offset for tp in fut[group.group_id].result().topic_partitions}
-            latest = OffsetSpec.latest()  # type: ignore[no-untyped-call]
-            highs = self.admin.list_offsets({tp: latest for tp in tps}, request_timeout=ADMIN_TIMEOUT_S)
-            for tp, f in highs.items():
-                done = max(committed.get((tp.topic, tp.partition), 0), 0)  # -1001: nothing committed yet
-                self._hooks.on_lag(tp.topic, tp.partition, max(0, f.result().offset - done))
+            highs = self._offsets(tps, OffsetSpec.latest())  # type: ignore[no-untyped-call]
+            # nothing committed yet (-1001): the group starts from the log start, not from 0
+            fresh = [tp for tp in tps if committed.get((tp.topic, tp.partition), -1) < 0]
+            starts = self._offsets(fresh, OffsetSpec.earliest()) if fresh else {}  # type: ignore[no-untyped-call]
+            for tp in tps:
+                key = (tp.topic, tp.partition)
+                done = committed[key] if committed.get(key, -1) >= 0 else starts[key]
+                self._hooks.on_lag(tp.topic, tp.partition, max(0, highs[key] - done))
         except KafkaException as e:
             log.debug("lag not available", extra={"error": str(e)})
 
@@ -812,10 +819,12 @@ class ConfluentEngine:
         """Commit when due; count and report what was committed (once, after the commit)."""
         if not due:
             return False
+        started = time.perf_counter()
         done = self.delivery.commit(final)
         if done is None:
             return False
         self.last_commit_at = time.perf_counter()
+        self.hooks.on_commit(self.last_commit_at - started)
         now_ms = int(time.time() * 1000)
         messages = 0
         for batch in done.batches:
@@ -841,9 +850,10 @@ class ConfluentEngine:
         except (InferenceError, DeliveryError) as e:
             self._fail(e)
 
-    def _fail(self, e: InferenceError | DeliveryError) -> None:
+    def _fail(self, e: InferenceError | DeliveryError, counted: bool = True) -> None:
         """Abort the whole commit unit and the batch at the classifier; seek back to their
-        first offsets so they are processed again."""
+        first offsets so they are processed again. `counted`: a failed batch in the metrics
+        (lost partitions are a rebalance, not a delivery failure)."""
         if self._refused_delivery(e) and isinstance(e, FatalDeliveryError):
             return  # the producer is fatally refused: nothing to abort; `run` names the cause
         if isinstance(e, FatalDeliveryError):
@@ -852,7 +862,8 @@ class ConfluentEngine:
             self._fatal = self._fatal or KafkaError(KafkaError._FATAL, str(e), fatal=True)
             return
         stage = "inference" if isinstance(e, InferenceError) else "delivery"
-        self.hooks.on_batch_failed(stage)
+        if counted:
+            self.hooks.on_batch_failed(stage)
         held = self._drop_inflight()
         try:
             dropped = self.delivery.abort()
@@ -976,7 +987,7 @@ class ConfluentEngine:
 
     def _abandon(self) -> None:
         if self._inflight is not None or self.delivery.held():
-            self._fail(DeliveryError("partitions lost"))
+            self._fail(DeliveryError("partitions lost"), counted=False)
 
     def _in_callback_run(self, fn: Callable[[], None]) -> None:
         self._in_callback = True
