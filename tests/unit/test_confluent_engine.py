@@ -584,3 +584,11 @@ def test_a_lag_report_after_a_revoke_does_not_bring_the_gauge_back() -> None:
     hooks.on_revoke([(TOPIC, 0)])
     hooks.on_lag(TOPIC, 0, 5)  # computed by housekeeping before the revoke, reported after
     assert registry.get_sample_value("classify_consumer_lag", {"topic": TOPIC, "partition": "0"}) is None
+
+
+def test_unit_ids_differ_between_processes_with_the_same_pid() -> None:
+    # Given two processes of one replica that both run as PID 1 (a container restarted in place),
+    # modelled as two id sources in this one process (same PID)
+    first, second = _UnitIds("w1"), _UnitIds("w1")
+    # Then their unit ids never repeat: the `route.batch` header names one attempt
+    assert first.next() != second.next()
