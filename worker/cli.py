@@ -39,6 +39,8 @@ EXIT_CONFIG = 2
 EXIT_MODEL = 3
 #: the cluster refuses us (credentials, TLS trust, security protocol, a missing ACL): fix, then restart
 EXIT_ACCESS = 4
+#: `replay` stopped by SIGTERM/SIGINT before the end of its window (128 + SIGINT, as a shell says)
+EXIT_INTERRUPTED = 130
 
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", help="YAML settings file; CW_* environment variables win over it.")
@@ -368,6 +370,8 @@ def replay(
             typer.echo(json.dumps(summary))
         else:
             _print_replay(selection.source, selection.target, summary)
+    if summary["interrupted"]:
+        _fail(EXIT_INTERRUPTED, "replay interrupted before the end of its window; the same command resumes it")
 
 
 def _print_replay(source: str, target: str, summary: dict[str, Any]) -> None:
@@ -380,6 +384,7 @@ def _print_replay(source: str, target: str, summary: dict[str, Any]) -> None:
     typer.echo(line("would replay" if summary["dry_run"] else "replayed", summary["replayed"]))
     typer.echo(line("skipped: max replays reached", summary["skipped_max_replays"]))
     typer.echo(line("not selected (--reason)", summary["not_selected"]))
+    typer.echo(line("skipped: cannot be sent", summary["skipped_unsendable"]))
     for ex in summary["examples"]:
         typer.echo(
             f"  {ex['partition']}:{ex['offset']} key={ex['key']!r} {ex['reason']}: {ex['message']} "

@@ -27,7 +27,8 @@ from typing import Any, Literal, cast
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from worker.config import Settings
-from worker.errors import DeliveryError, FatalDeliveryError
+from worker.errors import DeliveryError, FatalDeliveryError, KafkaAccessError
+from worker.kafka_errors import ClientLog, Resources, Side, explain, kafka_error_of
 from worker.kafka_util import (
     CALL_TIMEOUT_S,
     RECORD_REFUSALS,
@@ -212,11 +213,19 @@ class Replayer:
         self.batch_size = max(1, min(batch_size, int(max_rate / 10))) if max_rate else batch_size
         self.max_rate = max_rate
         self._stop = False
-        client_logger = logging.getLogger("librdkafka")
+        self._resources = Resources(selection.source, self.group, self.group, (selection.target,))
+        #: librdkafka's log lines (they alone name a topic a transaction was refused) and the
+        #: first refusal its error callbacks reported: the run ends with that one line
+        self._client_log = ClientLog()
+        self._refusal: str | None = None
+        #: Which client the current step uses, for naming the ACL a refusal lacks.
+        self._side: Side = "consumer"
+        client_logger = self._client_log
         self.consumer = Consumer(
             {
                 **settings.librdkafka_consumer(),
                 "logger": client_logger,
+                "error_cb": lambda err: self._on_error(err, "consumer"),
                 # must win: the replay's own group, and end-of-partition events for BoundedReader
                 "group.id": self.group,
                 "enable.partition.eof": True,
@@ -227,6 +236,7 @@ class Replayer:
         self._producer_conf: dict[str, Any] = {
             **settings.librdkafka_producer(),
             "logger": client_logger,
+            "error_cb": lambda err: self._on_error(err, "producer"),
             # must win: one stable id per group, so a restarted replay fences a killed one at once
             "transactional.id": self.group,
         }
@@ -245,21 +255,47 @@ class Replayer:
                 self._count(reader, summary)
             else:
                 self._replay(reader, producer, summary)
-        except KafkaException as e:
+        except (KafkaException, DeliveryError) as e:
+            self._explain(e)
+            if isinstance(e, DeliveryError):
+                raise
             raise DeliveryError(f"replay failed: {kafka_error(e).str()}") from e
         finally:
             self.consumer.close()
+        if self._refusal is not None:
+            raise KafkaAccessError(self._refusal)
         return summary
+
+    def _explain(self, e: KafkaException | DeliveryError) -> None:
+        """A Kafka error that waiting cannot fix (credentials, TLS, a missing ACL) becomes the one
+        line of `worker.kafka_errors`, as the worker's are; the CLI exits `EXIT_ACCESS`."""
+        err = kafka_error_of(e)
+        if err is None:
+            return
+        cause = explain(err, self._resources, self._side, self._client_log.denied_topics)
+        if cause is not None:
+            raise KafkaAccessError(cause) from e
+        if self._refusal is not None:
+            raise KafkaAccessError(self._refusal) from e
+
+    def _on_error(self, err: KafkaError, side: Side) -> None:
+        """librdkafka's error callback: a refused login or TLS handshake ends the run."""
+        cause = explain(err, self._resources, side, self._client_log.denied_topics)
+        if cause is not None and self._refusal is None:
+            self._refusal = cause
+            self._stop = True
 
     # -- setup -------------------------------------------------------------------------------
 
     def _producer(self) -> Producer:
+        self._side = "producer"
         producer = Producer(self._producer_conf)
         # before reading committed offsets: aborts a killed predecessor's open transaction
         retry_call(lambda: producer.init_transactions(CALL_TIMEOUT_S))
         return producer
 
     def _reader(self) -> BoundedReader:
+        self._side = "consumer"
         tps = topic_partitions(self.consumer, self.selection.source)
         starts, ends = self._window(tps)
         committed = self.consumer.committed([TopicPartition(*tp) for tp in tps], timeout=CALL_TIMEOUT_S)
@@ -301,14 +337,17 @@ class Replayer:
         started = time.monotonic()
         backoff = Backoff(max_s=BACKOFF_MAX_S)
         while not reader.done() and not self._stop:
+            self._side = "consumer"
             batch = reader.take(self.batch_size, POLL_S)
             if not batch:
                 continue
             decisions = [self._decision(m) for m in batch]
             offsets = next_offsets(batch)
+            self._side = "producer"
             try:
                 self._transact(producer, batch, decisions, offsets)
             except KafkaException as e:  # only an error that requires an abort gets here
+                self._explain(e)  # a missing ACL: retrying cannot help
                 log.warning("replay transaction aborted; retrying", extra={"error": kafka_error(e).str()})
                 self._abort(producer)
                 reader.rewind({tp: committed[tp] for tp in offsets})

@@ -7,11 +7,13 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from confluent_kafka import Message
+from confluent_kafka import KafkaError, Message
+from typer.testing import CliRunner
 
 from tests.support.txn_fake import TxnProducer
+from worker import cli
 from worker.config import load_settings
-from worker.errors import FatalDeliveryError
+from worker.errors import FatalDeliveryError, KafkaAccessError
 from worker.replay import Replayer, Selection, Summary
 
 DLQ = "dlq"
@@ -108,3 +110,38 @@ def test_an_interrupted_replay_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
     reader.take = take_then_stop  # type: ignore[method-assign]
     replayer._replay(reader, producer, summary)  # type: ignore[arg-type]
     assert summary.interrupted and summary.replayed == {"schema": 10}
+
+
+def test_a_refused_write_is_one_line_naming_the_acl(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given a target topic this principal may not write to
+    replayer = _replayer(monkeypatch)
+    producer = TxnProducer()
+    producer.refuse_topics["in"] = KafkaError(
+        KafkaError.TOPIC_AUTHORIZATION_FAILED, "Broker: Topic authorization failed"
+    )
+    replayer._client_log.log(3, 'Failed to add partition "in" [0] to transaction: Broker: Topic authorization failed')
+    replayer._producer = lambda: producer  # type: ignore[method-assign]
+    replayer._reader = lambda: FakeReader([_dead(0)])  # type: ignore[method-assign,assignment,return-value]
+    replayer.consumer = type("C", (), {"consumer_group_metadata": lambda s: object(), "close": lambda s: None})()  # type: ignore[assignment]
+    # When the run's transaction is refused, then it ends with the line that names the ACL
+    with pytest.raises(KafkaAccessError, match="missing ACL: WRITE on topic in"):
+        replayer.run()
+    assert producer.calls.count("begin") == 1, "not retried: waiting cannot fix a missing ACL"
+
+
+def test_the_cli_exits_non_zero_when_a_replay_is_interrupted(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Interrupted:
+        def __init__(self, *_a: object, **_kw: object) -> None: ...
+
+        def request_stop(self) -> None: ...
+
+        def run(self, dry_run: bool = False) -> Summary:
+            summary = Summary("g", dry_run)
+            summary.replayed["schema"] = 10
+            summary.interrupted = True
+            return summary
+
+    monkeypatch.setattr("worker.replay.Replayer", Interrupted)
+    result = CliRunner().invoke(cli.app, ["replay", "--from", "dlq", "--to", "in"])
+    assert result.exit_code == cli.EXIT_INTERRUPTED, result.output
+    assert "replayed" in result.output and "interrupted" in result.output
