@@ -43,6 +43,7 @@ class Hooks:
     def on_batch_failed(self, stage: str) -> None: ...
     def on_lag(self, topic: str, partition: int, lag: int) -> None: ...
     def on_commit(self, seconds: float) -> None: ...
+    def on_stalled(self) -> None: ...
 
 
 class HookSet(Hooks):
@@ -85,6 +86,9 @@ class HookSet(Hooks):
     def on_commit(self, seconds: float) -> None:
         self._call("on_commit", seconds)
 
+    def on_stalled(self) -> None:
+        self._call("on_stalled")
+
 
 class Health(Hooks):
     """`/healthz`: the loop turned recently; `/readyz`: model loaded and partitions assigned."""
@@ -95,6 +99,7 @@ class Health(Hooks):
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._last_loop = time.monotonic()
+        self._stalled = False
         self._model = False
         self._assigned: set[tuple[str, int]] = set()
 
@@ -103,6 +108,12 @@ class Health(Hooks):
 
     def on_loop(self) -> None:
         self._last_loop = time.monotonic()
+        self._stalled = False
+
+    def on_stalled(self) -> None:
+        """The engine has had work in hand without progress past its stuck threshold: unhealthy
+        now, not `STALE_AFTER_S` later."""
+        self._stalled = True
 
     def on_assign(self, partitions: Sequence[tuple[str, int]]) -> None:
         with self._lock:
@@ -113,7 +124,7 @@ class Health(Hooks):
             self._assigned -= set(partitions)
 
     def alive(self) -> bool:
-        return time.monotonic() - self._last_loop < self.STALE_AFTER_S
+        return not self._stalled and time.monotonic() - self._last_loop < self.STALE_AFTER_S
 
     def ready(self) -> bool:
         with self._lock:

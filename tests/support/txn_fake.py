@@ -32,6 +32,8 @@ class TxnProducer:
         #: What committed transactions made visible to a read_committed reader.
         self.committed: list[tuple[str, bytes | None, bytes | None, list[Any]]] = []
         self.committed_offsets: list[tuple[str, int, int]] = []
+        #: Commits that fail with an error requiring an abort (e.g. a lost coordinator epoch).
+        self.abortable_commits = 0
         #: Delivery errors to report for the next records produced to these topics (a broker-side refusal).
         self.refuse_topics: dict[str, KafkaError] = {}
         self._reports: list[tuple[Callable[..., None], KafkaError]] = []
@@ -86,6 +88,9 @@ class TxnProducer:
                 KafkaError(KafkaError._TIMED_OUT, "Failed to flush all outstanding messages", retriable=True)
             )
         self.poll(0)
+        if self.abortable_commits > 0:
+            self.abortable_commits -= 1
+            raise KafkaException(KafkaError(KafkaError._FENCED, "epoch bumped", txn_requires_abort=True))
         if any(topic in self.refuse_topics for topic, *_ in self.pending):
             self.in_progress = None
             raise KafkaException(

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka import KafkaError, KafkaException, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 from prometheus_client import CollectorRegistry
 
 from tests.support.txn_fake import TxnProducer
@@ -592,3 +592,61 @@ def test_unit_ids_differ_between_processes_with_the_same_pid() -> None:
     first, second = _UnitIds("w1"), _UnitIds("w1")
     # Then their unit ids never repeat: the `route.batch` header names one attempt
     assert first.next() != second.next()
+
+
+# -- issue 25: never stuck while looking healthy ------------------------------------------------
+
+
+class LoopConsumer(FakeConsumer):
+    """Partition 0 holds offsets 0..4; `seek` rewinds the read position, as librdkafka's does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.position = 0
+
+    def poll(self, timeout: float) -> Message | None:
+        if self.position >= 5:
+            time.sleep(min(timeout, 0.01))
+            return None
+        self.position += 1
+        return Message(topic=TOPIC, partition=0, offset=self.position - 1, value=b'{"text": "rain"}')
+
+    def consume(self, num_messages: int, timeout: float) -> list[Message]:
+        out = []
+        while len(out) < num_messages and (m := self.poll(0)) is not None:
+            out.append(m)
+        return out
+
+    def seek(self, tp: TopicPartition) -> None:
+        super().seek(tp)
+        self.position = tp.offset
+
+
+def test_a_worker_retrying_a_batch_that_never_commits_stops_looking_healthy(
+    engine: ConfluentEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given commits that always fail (abort, rewind, back off, again) and a 1.5 s stuck threshold
+    monkeypatch.setattr("worker.engines.confluent.PROGRESS_STUCK_S", 1.5)
+    health = Health()
+    engine.hooks = health
+    producer, consumer = TxnProducer(), LoopConsumer()
+    producer.abortable_commits = 1_000
+    engine.consumer, engine.producer = consumer, producer  # type: ignore[assignment]
+    engine.delivery = Transactional(producer, consumer, engine.settings, _UnitIds("u"), engine._alive)  # type: ignore[arg-type]
+    engine._assigned = {(TOPIC, 0)}
+    engine._assigned_at = time.monotonic()
+    engine.delivery._interval_s = 0.001  # type: ignore[attr-defined]
+    # When the loop runs for 4 s while a probe asks /healthz's question
+    seen: list[tuple[float, bool]] = []
+    runner = threading.Thread(target=engine._loop, args=(None, None))
+    started = time.monotonic()
+    runner.start()
+    while time.monotonic() - started < 4.0:
+        seen.append((time.monotonic() - started, health.alive()))
+        time.sleep(0.05)
+    engine.request_stop()
+    runner.join(10)
+    # Then it looked healthy at first, and unhealthy once 1.5 s had passed without a commit
+    assert len(consumer.seeks) >= 2, "the batch was retried"
+    assert all(ok for t, ok in seen if t < 1.0)
+    assert not any(ok for t, ok in seen if t > 2.0), [t for t, ok in seen if ok and t > 2.0][:5]

@@ -82,6 +82,11 @@ IDLE_POLL_S = 0.1
 #: A classifier call running longer than this is stuck: the loop stops stamping liveness, so
 #: `/healthz` fails and the orchestrator restarts the pod (a batch takes well under a second).
 CLASSIFIER_STUCK_S = 30.0
+#: Work in hand (held for a commit, at the classifier, or rewound after a failure) and no commit
+#: for this long: the worker is stuck, however busy its retries look. `/healthz` fails at once
+#: (`Hooks.on_stalled`) and the orchestrator restarts it. Above what a broker freeze inside the
+#: transaction timeout costs a resumed commit (a 30 s call timeout, then the resumed call).
+PROGRESS_STUCK_S = 60.0
 #: Stop waits this long for the housekeeping thread: a shutdown must fit the pod's grace period.
 HOUSEKEEPING_JOIN_S = 1.0
 
@@ -588,6 +593,9 @@ class ConfluentEngine:
         self._in_callback = False
         #: Consuming paused by `_throttle` (at-least-once, over the held-bytes cap).
         self._paused = False
+        #: Last commit, or last turn with nothing in hand; and whether a failure left work to redo.
+        self._progress_at = time.monotonic()
+        self._redo = False
         self._assigned: set[tuple[str, int]] = set()
         self._assigned_at: float | None = None
         self._assigned_lock = threading.Lock()
@@ -610,10 +618,10 @@ class ConfluentEngine:
         )
         ids = _UnitIds(settings.kafka.instance_id)
         sender = Sender(
-            self.producer, settings.topics.dlq, lambda: pipeline.max_record_bytes, hooks.on_loop, self._should_stop
+            self.producer, settings.topics.dlq, lambda: pipeline.max_record_bytes, self._alive, self._should_stop
         )
         self.delivery: Delivery = (
-            Transactional(self.producer, self.consumer, settings, ids, hooks.on_loop, sender)
+            Transactional(self.producer, self.consumer, settings, ids, self._alive, sender)
             if self.exactly_once
             else AtLeastOnce(self.producer, self.consumer, settings, ids, sender)
         )
@@ -674,11 +682,11 @@ class ConfluentEngine:
             log.info("records sized to the output topics' limit", extra={"max_message_bytes": smallest})
 
     def _loop(self, max_messages: int | None, idle_exit_s: float | None) -> None:
-        backoff = Backoff(self.hooks.on_loop)
+        backoff = Backoff(self._alive)
         last_message = time.monotonic()
         while not self._should_stop():
             if not self._classifier_stuck():
-                self.hooks.on_loop()
+                self._alive()
             self._throttle()
             try:
                 if self._turn(self._room(max_messages)):
@@ -689,6 +697,8 @@ class ConfluentEngine:
                 self._fail(e)
                 backoff.wait(self._should_stop)
                 continue
+            if not self._redo and self._inflight is None and not self.delivery.held():
+                self._progress_at = time.monotonic()  # nothing in hand: idle is not stuck
             if max_messages is not None and self.processed >= max_messages:
                 log.info("max messages reached", extra={"processed": self.processed})
                 return
@@ -746,6 +756,14 @@ class ConfluentEngine:
         if idle_exit_s is None or self._assigned_at is None or self._inflight is not None or self.delivery.held():
             return False
         return time.monotonic() - max(last_message, self._assigned_at) > idle_exit_s
+
+    def _alive(self) -> None:
+        """Stamp liveness, unless work has been in hand for PROGRESS_STUCK_S without a commit: a
+        worker retrying a failing batch or waiting on a commit forever must not look healthy."""
+        if time.monotonic() - self._progress_at < PROGRESS_STUCK_S:
+            self.hooks.on_loop()
+        else:
+            self.hooks.on_stalled()
 
     def _classifier_stuck(self) -> bool:
         return self._inflight is not None and time.monotonic() - self._inflight[2] > CLASSIFIER_STUCK_S
@@ -825,6 +843,7 @@ class ConfluentEngine:
             return False
         self.last_commit_at = time.perf_counter()
         self.hooks.on_commit(self.last_commit_at - started)
+        self._progress_at, self._redo = time.monotonic(), False
         now_ms = int(time.time() * 1000)
         messages = 0
         for batch in done.batches:
@@ -871,6 +890,7 @@ class ConfluentEngine:
             self._fail(fatal)
             return
         held.extend(r for b in dropped.batches for r in b.records)
+        self._redo = self._redo or bool(held)
         log.warning(
             "batch not delivered; rewinding",
             extra={"batch": dropped.unit, "stage": stage, "error": str(e), "messages": len(held)},
