@@ -53,7 +53,8 @@ class Fleet:
     topics: TopicSet = field(default_factory=TopicSet.fresh)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     ports: dict[str, int] = field(default_factory=dict)
-    started_at: dict[str, float] = field(default_factory=dict)
+    #: When each process of an instance started (a restart keeps the instance id).
+    starts: dict[str, list[float]] = field(default_factory=dict)
     #: (time, instance, healthy) for every probe answered while the process was the same one.
     probes: list[tuple[float, str, bool]] = field(default_factory=list)
     events: list[str] = field(default_factory=list)
@@ -76,7 +77,7 @@ class Fleet:
         }
         self.procs[instance] = start_worker(env, self.tmp / f"{instance}.log")
         self.ports[instance] = port
-        self.started_at[instance] = time.monotonic()
+        self.starts.setdefault(instance, []).append(time.monotonic())
 
     def healthy(self, instance: str) -> bool | None:
         """/healthz; None while the process is not serving yet (starting, loading the model)."""
@@ -187,8 +188,8 @@ def test_a_40_s_broker_freeze_under_traffic_routes_everything_once_and_never_hid
     for t, instance, ok in fleet.probes:
         if not ok or t > last:  # after the last output there is no work left to progress on
             continue
-        before = [p for p in progress.get(instance, []) if p <= t]
-        since = max([*before, fleet.started_at[instance] if fleet.started_at[instance] <= t else 0.0])
+        # the last visible output of this instance, or the start of the process that answered
+        since = max(p for p in [*progress.get(instance, []), *fleet.starts[instance]] if p <= t)
         if t - since > PROGRESS_STUCK_S + SLACK_S:
             lies.append(f"{instance} healthy at {t - fleet._t0:.0f}s, {t - since:.0f} s without progress")
     assert not lies, f"{lies[:5]}; events {fleet.events}"
