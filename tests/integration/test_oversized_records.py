@@ -1,4 +1,4 @@
-"""Issue 25, acceptance: a poison record never blocks its partition. An inbound record of
+"""Issue 25, acceptance: an oversized record never blocks its partition. An inbound record of
 1,040,000 bytes (above librdkafka's `message.max.bytes`, below the broker's limit) is
 dead-lettered without its body, and the 60 records behind it on the same partition are routed
 exactly once within a minute. Judged from outside: a read_committed reader over every output."""
