@@ -46,7 +46,15 @@ PORT ?= 9092
 kafka: $(VENV)/.demo $(KAFKA_LIBS)/.fetched ## a local Apache Kafka in the foreground (PORT=…, default 9092; Ctrl-C stops it)
 	@$(PY) -m devkit.apache_kafka --port $(PORT)
 
-test: $(VENV)/.dev .tools/helm $(KAFKA_LIBS)/.fetched ## the whole suite: unit, integration (real broker), model checks
+# Node packages of the interop and dashboard tests (kafkajs; Prometheus's PromQL grammar), pinned
+# by tests/support/node/package-lock.json and installed with `npm ci` into .tools/node. The tests
+# install them on first use too; as a prerequisite of `test`, an npm failure shows up front.
+NODE_DEPS := .tools/node/.installed
+$(NODE_DEPS): $(VENV)/.dev tests/support/node/package.json tests/support/node/package-lock.json
+	$(PY) -c "from tests.support.interop import node_modules; node_modules()"
+	touch $@
+
+test: $(VENV)/.dev .tools/helm $(KAFKA_LIBS)/.fetched $(NODE_DEPS) ## the whole suite: unit, integration (real broker), model checks
 	$(PY) -m pytest
 
 test-unit: $(VENV)/.dev ## unit tests only (no broker)

@@ -42,13 +42,17 @@ STOP_TIMEOUT_S = 30.0
 JVM_OPTS = ["-Xms256m", "-Xmx768m", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20", "-Djava.awt.headless=true"]
 
 
+#: The broker, and the console consumer the interop tests read with: a cache without either is fetched again.
+REQUIRED_JARS = ("kafka_2.13-*.jar", "kafka-tools-[0-9]*.jar")
+
+
 class KafkaStartError(RuntimeError):
     """The local broker could not be fetched, formatted or started; the message says which step."""
 
 
 def ensure_jars() -> Path:
     """Fetch the broker's jars with Maven once; later calls reuse the cache."""
-    if LIBS.is_dir() and any(LIBS.glob("kafka_2.13-*.jar")):
+    if LIBS.is_dir() and all(any(LIBS.glob(jar)) for jar in REQUIRED_JARS):
         return LIBS
     if shutil.which("mvn") is None:
         raise KafkaStartError("the local Apache Kafka needs Maven (`mvn`) to fetch its jars once")

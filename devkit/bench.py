@@ -34,9 +34,9 @@ from devkit.ports import free_port
 from devkit.toolkit import READER_FETCH_WAIT_MS, Outbound, produce, read_outputs, running_worker
 from devkit.traffic import QUERIES
 from worker.config import Settings, load_settings
+from worker.cpus import usable_cores
 from worker.engines.confluent import ConfluentEngine
 from worker.model import Classifier, default_bundle_path, load_bundle
-from worker.model.classifier import usable_cores
 from worker.observability import PrometheusHooks
 from worker.pipeline import build_pipeline
 

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import StrEnum
+from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
@@ -103,13 +104,15 @@ def run(
         from prometheus_client import CollectorRegistry
 
         from worker.engines.confluent import ConfluentEngine
-        from worker.observability import Health, HookSet, MetricsServer, PrometheusHooks
+        from worker.observability import Health, Hooks, HookSet, MetricsServer, PrometheusHooks
         from worker.pipeline import build_pipeline
+        from worker.tracing import configure
 
-        pipeline = build_pipeline(settings)
+        tracing = configure(settings)  # W3C propagation; with OTEL_* variables, span export too
+        pipeline = build_pipeline(settings, tracing=tracing)
         registry = CollectorRegistry()
         health = Health()
-        hooks = HookSet([health, PrometheusHooks(registry)])
+        hooks = HookSet([health, PrometheusHooks(registry), *([tracing] if isinstance(tracing, Hooks) else [])])
         hooks.on_model(pipeline.classifier.bundle)
         server = None
         if settings.metrics.enabled:
@@ -155,22 +158,48 @@ def classify(
     texts: Annotated[list[str] | None, typer.Argument(help="Texts to classify; stdin lines when none.")] = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Classify texts locally (no Kafka) and print one routed JSON object per line."""
+    """Classify texts locally (no Kafka): one JSON object per line, in order: the routed object,
+    or {"id", "error"} with the dead-letter reason (e.g. "encoding" for a line that is not UTF-8)."""
     with _errors():
         settings = _settings(config)
         from worker.pipeline import build_pipeline
-        from worker.records import Record
 
         pipeline = build_pipeline(settings, shadow=False)
-        lines = texts if texts else [line.rstrip("\n") for line in sys.stdin]
-        records = [Record(orjson.dumps({"id": str(i), "text": t}), topic="cli", offset=i) for i, t in enumerate(lines)]
+        numbered = enumerate(texts if texts else _stdin_lines())
         out = sys.stdout.buffer
-        for item in pipeline.process(records).outgoing:
-            if item.kind == "dead_letter":
-                out.write(orjson.dumps({"id": item.source.offset, "error": item.detail}) + b"\n")
-            else:
-                out.write((item.value or b"") + b"\n")
-        out.flush()
+        # a batch at a time, so a long file streams through in bounded memory
+        while batch := list(islice(numbered, settings.batch.max_items)):
+            out.writelines(line + b"\n" for line in _classify_lines(pipeline, batch))
+            out.flush()
+
+
+def _stdin_lines() -> Iterator[str]:
+    """Stdin's lines without their line ending. Bytes that are not UTF-8 become surrogate escapes
+    whatever the locale, so such a line is reported as an `encoding` error on its own."""
+    for raw in sys.stdin.buffer:
+        yield raw.rstrip(b"\r\n").decode("utf-8", "surrogateescape")
+
+
+def _classify_lines(pipeline: Pipeline, batch: list[tuple[int, str]]) -> list[bytes]:
+    """One output line per input line: the pipeline's routed value, or its dead-letter reason."""
+    from worker.records import Record
+
+    def error(i: int, reason: str) -> bytes:
+        return orjson.dumps({"id": str(i), "error": reason})
+
+    lines: dict[int, bytes] = {}
+    records = []
+    for i, text in batch:
+        try:
+            value = orjson.dumps({"id": str(i), "text": text})
+        except orjson.JSONEncodeError:  # a surrogate escape: the line (or argument) was not UTF-8
+            lines[i] = error(i, "encoding")
+            continue
+        records.append(Record(value, topic="cli", offset=i))
+    for item in pipeline.process(records).outgoing:
+        i = item.source.offset
+        lines[i] = error(i, item.detail) if item.kind == "dead_letter" else item.value or b""
+    return [lines[i] for i, _ in batch]
 
 
 @app.command()

@@ -152,6 +152,13 @@ class LimitSettings(_Section):
     #: at full speed with 1 KB messages (never reached), or 64 messages of 1 MB (well inside a
     #: 2 GiB pod with librdkafka's own 64 MiB fetch queue and the classifier's batch).
     max_held_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    #: Chunks (model windows) classified per text; a longer text is routed on its first chunks and
+    #: says so in `route.truncated`. 16 chunks of the default model are ~1,500 words (a document's
+    #: opening pages, where its topic is) and ~0.35 s of one core (22 ms a chunk, measured on this
+    #: 2-core machine), where a 1 MB text's ~1,800 chunks took ~40 s, past the 30 s stuck threshold.
+    max_chunks: int = Field(default=16, ge=1, le=10_000)
+    #: `truncate` (route on the first `max_chunks`) or `dead_letter` (reason `too_long`).
+    over_max_chunks: Literal["truncate", "dead_letter"] = "truncate"
 
 
 #: Tokens per inference call: a single-threaded call on a few hundred tokens keeps its activations
@@ -164,7 +171,8 @@ class ModelSettings(_Section):
     path: Path | None = None
     #: Tokens per inference call; bounds memory and keeps padding waste low.
     token_budget: int = Field(default=DEFAULT_TOKEN_BUDGET, ge=64)
-    #: Concurrent single-threaded inference calls; None = the CPUs this process may use.
+    #: Concurrent single-threaded inference calls; None = the cgroup CPU quota rounded down, else
+    #: the affinity mask (`worker/cpus.py`), never the node's core count.
     threads: int | None = Field(default=None, ge=1, le=256)
     top_k: int = Field(default=3, ge=1, le=50)
     #: Overlap between chunks of a document longer than the model's max length.
@@ -251,7 +259,10 @@ class Settings(BaseSettings):
         return {
             **self._librdkafka_common(),
             "linger.ms": 5,
-            "compression.type": "lz4",
+            # gzip: the one codec every client reads without extras (kafkajs has no lz4, snappy or
+            # zstd without plugins; aiokafka needs extras for lz4/snappy/zstd); 2.8x fewer bytes
+            # than none for ~2-4% of a routed item's CPU (bench/NOTES.md §10)
+            "compression.type": "gzip",
             "transaction.timeout.ms": self.kafka.transaction_timeout_ms,
             **self.kafka.config,
             **self.kafka.producer_config,

@@ -50,6 +50,17 @@ class ScoredLabel(BaseModel):
     score: float
 
 
+class Truncated(BaseModel):
+    """How much of a text longer than the worker reads (`CW_LIMITS__MAX_CHUNKS`) its route rests on."""
+
+    model_config = ConfigDict(frozen=True)
+
+    chunks: int = Field(ge=1, description="Model windows classified: the text's first CW_LIMITS__MAX_CHUNKS.")
+    chars: int = Field(
+        ge=0, description="Characters (Unicode code points) of `text` those chunks cover; the rest was not read."
+    )
+
+
 class Route(BaseModel):
     model_config = ConfigDict(frozen=True)
 
@@ -65,6 +76,10 @@ class Route(BaseModel):
     model: str = Field(description="Model name and content-hash version, e.g. 'clinc150-minilm@3f2a…'.")
     fallback: bool
     reason: Literal["low_confidence", "fallback_label"] | None = None
+    truncated: Truncated | None = Field(
+        default=None,
+        description="Only on a text longer than CW_LIMITS__MAX_CHUNKS chunks: it was routed on its beginning.",
+    )
 
 
 class Routed(Inbound):
@@ -76,8 +91,18 @@ class Routed(Inbound):
     route: Route
 
 
+#: `inference_error`: the classifier raised on this record alone (its batch was bisected to find it);
+#: `too_long`: over CW_LIMITS__MAX_CHUNKS chunks, with CW_LIMITS__OVER_MAX_CHUNKS=dead_letter.
 DeadLetterReason = Literal[
-    "null_value", "too_large", "encoding", "invalid_json", "not_an_object", "schema", "empty_text"
+    "null_value",
+    "too_large",
+    "encoding",
+    "invalid_json",
+    "not_an_object",
+    "schema",
+    "empty_text",
+    "inference_error",
+    "too_long",
 ]
 
 

@@ -172,6 +172,8 @@ class PrometheusHooks(Hooks):
         self.model_info = Gauge("classify_model_info", "The loaded model.", ["model", "version"], registry=registry)
         for outcome in ("routed", "fallback", "dead_letter"):
             self.messages.labels(outcome)
+        for stage in ("inference", "delivery"):  # at 0 from the start: rate() and alerts see "none yet"
+            self.failures.labels(stage)
         self.shadow_items = Counter(
             "classify_shadow_items", "Items the shadow model scored beside the live one.", registry=registry
         )

@@ -8,6 +8,9 @@ With a shadow model (`CW_SHADOW__MODEL_PATH`), the batch's valid items are score
 after routing; its disagreements and one tally per batch are appended as `shadow` records, so
 whichever engine commits the batch commits them in the same transaction. Nothing the shadow
 computes is read back by routing, and a shadow failure is counted, never raised.
+
+Last, every item's outputs get its trace context (`worker.tracing`): an inbound `traceparent`
+continues with the worker's own span id, so both engines propagate traces without knowing it.
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
+from worker import exact_json
 from worker.config import Settings
-from worker.errors import DecodeError
+from worker.errors import DecodeError, InferenceError
 from worker.messages import (
     ERROR_MESSAGE,
     ERROR_REASON,
@@ -40,9 +44,10 @@ from worker.messages import (
     ShadowVerdict,
 )
 from worker.model.bundle import load_bundle
-from worker.model.classifier import Classifier, Prediction
+from worker.model.classifier import Classifier, Encoded, Prediction, Truncation
 from worker.records import Headers, OutcomeKind, Outgoing, Record
 from worker.routing import Decision, Router
+from worker.tracing import Propagator
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +68,8 @@ _DEAD_LETTER_HEADERS = frozenset({ERROR_REASON, ERROR_MESSAGE, SOURCE_TOPIC, SOU
 class Outcome:
     outgoing: list[Outgoing]
     inference_seconds: float
+    #: Wall clock (ns since epoch) when processing began: where the batch's and items' spans start.
+    started_ns: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +86,8 @@ class Verdict:
     prediction: Prediction
     category_score: float
     decision: Decision
+    #: set when the text was longer than the classifier reads (`CW_LIMITS__MAX_CHUNKS`)
+    truncation: Truncation | None = None
 
     @property
     def route(self) -> str:
@@ -99,14 +108,19 @@ class Verdict:
 def judge(classifier: Classifier, router: Router, texts: list[str]) -> tuple[list[Verdict], float]:
     """Classify and route `texts`; also return the seconds spent in inference."""
     started = time.perf_counter()
-    probs = classifier.predict_proba(texts)
-    inference_seconds = time.perf_counter() - started
+    verdicts = verdicts_of(classifier, router, classifier.encode(texts))
+    return verdicts, time.perf_counter() - started
+
+
+def verdicts_of(classifier: Classifier, router: Router, encoded: Encoded) -> list[Verdict]:
+    """Inference and routing on already tokenized texts."""
+    probs = classifier.proba_of(encoded)
     predictions = classifier.predictions(probs)
     category_scores = router.category_scores(probs).tolist()
-    verdicts = [
-        Verdict(p, score, router.route(p.label, score)) for p, score in zip(predictions, category_scores, strict=True)
+    return [
+        Verdict(p, score, router.route(p.label, score), encoded.truncated.get(i))
+        for i, (p, score) in enumerate(zip(predictions, category_scores, strict=True))
     ]
-    return verdicts, inference_seconds
 
 
 def _schema_message(e: ValidationError) -> str:
@@ -126,8 +140,8 @@ def decode(record: Record, max_input_bytes: int) -> _Valid:
     except UnicodeDecodeError as e:
         raise DecodeError("encoding", f"not UTF-8: {e.reason} at byte {e.start}") from e
     try:
-        obj = orjson.loads(text.removeprefix(_BOM))
-    except orjson.JSONDecodeError as e:
+        obj = exact_json.loads(text.removeprefix(_BOM))
+    except ValueError as e:  # orjson.JSONDecodeError, or nesting too deep to keep an integer exact
         raise DecodeError("invalid_json", str(e)[:500]) from e
     if not isinstance(obj, dict):
         raise DecodeError("not_an_object", f"JSON value is {type(obj).__name__}, expected an object")
@@ -237,7 +251,9 @@ class Pipeline:
         max_input_bytes: int,
         max_output_bytes: int,
         max_record_bytes: int = DEFAULT_MESSAGE_MAX_BYTES - RECORD_OVERHEAD_BYTES,
+        dead_letter_truncated: bool = False,
         shadow: Shadow | None = None,
+        tracing: Propagator | None = None,
     ) -> None:
         self.classifier = classifier
         self.router = router
@@ -247,11 +263,15 @@ class Pipeline:
         #: The hard limit on a whole record (the producer's, lowered by the engine to the
         #: output topics' `max.message.bytes`); `max_output_bytes` is the policy for routed ones.
         self.max_record_bytes = max_record_bytes
+        #: `CW_LIMITS__OVER_MAX_CHUNKS=dead_letter`: a text over the chunk cap is refused, not routed on its head
+        self.dead_letter_truncated = dead_letter_truncated
         self.shadow = shadow
+        self.tracing = tracing or Propagator()
         self.model_id = classifier.bundle.model_id
 
     def process(self, records: list[Record]) -> Outcome:
         """Raises `InferenceError` if the classifier fails on the batch: nothing may be committed."""
+        started_ns = time.time_ns()
         slots: list[Outgoing | None] = []
         valid: list[tuple[int, _Valid]] = []
         for record in records:
@@ -260,14 +280,77 @@ class Pipeline:
                 slots.append(None)
             except DecodeError as e:
                 slots.append(self._dead_letter(record, e.reason, e.message))
-        items = [item for _, item in valid]
-        verdicts, inference_seconds = judge(self.classifier, self.router, [item.text for item in items])
-        for (slot, item), verdict in zip(valid, verdicts, strict=True):
-            slots[slot] = self._routed(item, verdict)
+        results, inference_seconds = self._classify([item for _, item in valid])
+        judged: list[tuple[_Valid, Verdict]] = []
+        for (slot, item), result in zip(valid, results, strict=True):
+            if isinstance(result, DecodeError):
+                slots[slot] = self._dead_letter(item.record, result.reason, result.message)
+            else:
+                slots[slot] = self._routed(item, result)
+                judged.append((item, result))
         outgoing = [s for s in slots if s is not None]
-        if self.shadow is not None and items:
-            outgoing += self.shadow.compare(items, verdicts, self.model_id)
-        return Outcome(outgoing, inference_seconds)
+        if self.shadow is not None and judged:
+            items, verdicts = zip(*judged, strict=True)
+            outgoing += self.shadow.compare(list(items), list(verdicts), self.model_id)
+        return Outcome(self.tracing.stamp(outgoing), inference_seconds, started_ns)
+
+    def _classify(self, items: list[_Valid]) -> tuple[list[Verdict | DecodeError], float]:
+        """A verdict per item, or the reason it cannot have one.
+
+        An exception other than `InferenceError` (a tokenizer bug, a text some library chokes on)
+        is taken for a poison record once the classifier passes a known-good probe: the batch is
+        bisected until the records that fail alone are found, and only those are dead-lettered
+        (the classifier is batch-independent, so the others get the verdict one call would have
+        given them). If the probe fails too, the classifier is broken, not the records: the
+        whole batch fails as an `InferenceError` and is retried."""
+        try:
+            return self._judge(items)
+        except InferenceError:
+            raise
+        except Exception as e:  # anything the tokenizer or a library may raise on one text
+            if not self.classifier.healthy():
+                raise InferenceError(f"classifier fails on a known-good probe too: {type(e).__name__}") from e
+            return self._bisect(items, e)
+
+    def _bisect(self, items: list[_Valid], error: Exception) -> tuple[list[Verdict | DecodeError], float]:
+        if len(items) == 1:
+            r = items[0].record
+            log.warning(
+                "record breaks the classifier; dead-lettering it",
+                extra={"error": type(error).__name__, "topic": r.topic, "partition": r.partition, "offset": r.offset},
+            )
+            # the type only: an exception's text may quote the record's body
+            return [DecodeError("inference_error", f"the classifier raised {type(error).__name__} on this record")], 0.0
+        halves = (items[: len(items) // 2], items[len(items) // 2 :])
+        results: list[Verdict | DecodeError] = []
+        seconds = 0.0
+        for half in halves:
+            try:
+                part, spent = self._judge(half)
+            except InferenceError:
+                raise
+            except Exception as e:  # this half holds a poison record: split it further
+                part, spent = self._bisect(half, e)
+            results += part
+            seconds += spent
+        return results, seconds
+
+    def _judge(self, items: list[_Valid]) -> tuple[list[Verdict | DecodeError], float]:
+        started = time.perf_counter()
+        encoded = self.classifier.encode([item.text for item in items])
+        refused = self._refused(encoded)
+        encoded = encoded.without(refused)
+        verdicts = iter(verdicts_of(self.classifier, self.router, encoded))
+        results = [refused[i] if i in refused else next(verdicts) for i in range(len(items))]
+        return results, time.perf_counter() - started
+
+    def _refused(self, encoded: Encoded) -> dict[int, DecodeError]:
+        """The texts over the chunk cap, when the settings dead-letter those."""
+        if not self.dead_letter_truncated:
+            return {}
+        limit = f"{self.classifier.max_chunks} chunks of {self.classifier.bundle.max_length} tokens"
+        message = f"text is longer than {limit} (CW_LIMITS__MAX_CHUNKS)"
+        return {i: DecodeError("too_long", message) for i in encoded.truncated}
 
     def _dead_letter(self, record: Record, reason: str, message: str) -> Outgoing:
         return fit_dead_letter(dead_letter(record, self.dlq_topic, reason, message), self.max_record_bytes)
@@ -285,8 +368,10 @@ class Pipeline:
         }
         if decision.reason:
             route["reason"] = decision.reason
+        if verdict.truncation is not None:
+            route["truncated"] = {"chunks": verdict.truncation.chunks, "chars": verdict.truncation.chars}
         item.body["route"] = route
-        value = orjson.dumps(item.body)
+        value = exact_json.dumps(item.body)
         record = item.record
         values = (decision.category, prediction.label, f"{prediction.score:.6f}", self.model_id)
         headers: Headers = [*record.headers, *((k, v.encode()) for k, v in zip(ROUTE_HEADERS, values, strict=True))]
@@ -300,9 +385,9 @@ class Pipeline:
         return out
 
 
-def build_pipeline(settings: Settings, *, shadow: bool = True) -> Pipeline:
+def build_pipeline(settings: Settings, *, shadow: bool = True, tracing: Propagator | None = None) -> Pipeline:
     """Load the bundle named by the settings (and the shadow bundle, if any and `shadow`) and wire
-    classifier, router and pipeline."""
+    classifier, router and pipeline; `tracing` decides the trace context of what is written."""
     classifier, router = _load(settings, settings.model.path)
     candidate = None
     if shadow and settings.shadow.model_path is not None:
@@ -314,7 +399,9 @@ def build_pipeline(settings: Settings, *, shadow: bool = True) -> Pipeline:
         max_input_bytes=settings.limits.max_input_bytes,
         max_output_bytes=settings.limits.max_output_bytes,
         max_record_bytes=max_record_bytes(settings),
+        dead_letter_truncated=settings.limits.over_max_chunks == "dead_letter",
         shadow=candidate,
+        tracing=tracing,
     )
 
 
@@ -322,5 +409,12 @@ def _load(settings: Settings, path: Path | None) -> tuple[Classifier, Router]:
     """A classifier and its router; a shadow bundle is routed with the same settings as the live one."""
     bundle = load_bundle(path)
     m = settings.model
-    classifier = Classifier(bundle, token_budget=m.token_budget, top_k=m.top_k, stride=m.stride, threads=m.threads)
+    classifier = Classifier(
+        bundle,
+        token_budget=m.token_budget,
+        top_k=m.top_k,
+        stride=m.stride,
+        threads=m.threads,
+        max_chunks=settings.limits.max_chunks,
+    )
     return classifier, Router(bundle.routes, bundle.labels, settings)

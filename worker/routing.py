@@ -17,6 +17,7 @@ from typing import Literal
 import numpy as np
 
 from worker.config import Settings
+from worker.errors import ModelError
 from worker.model.bundle import RouteTable
 
 #: Kafka's legal topic characters and length (`kafka.common.internals.Topic`).
@@ -52,6 +53,35 @@ class Router:
         self._membership = np.zeros((len(labels), len(names)), dtype=np.float32)
         self._membership[np.arange(len(labels)), self._label_category] = 1.0
         self._topic = {cat: (settings.topics.prefix + sanitize_topic_part(cat))[:MAX_TOPIC_LENGTH] for cat in names}
+        self._check_topics(settings)
+
+    def _check_topics(self, settings: Settings) -> None:
+        """Refuse a bundle whose categories would share a topic: two names that clean (or cut) to
+        one topic name, or a category routed onto one of our other topics. Either would mix
+        categories silently (or loop items back into the input). Categories of fallback labels
+        only are exempt: their items always go to the fallback topic."""
+        t = settings.topics
+        reserved = {
+            t.fallback: "the fallback topic (CW_TOPICS__FALLBACK)",
+            t.dlq: "the dead-letter topic (CW_TOPICS__DLQ)",
+            t.input: "the input topic (CW_TOPICS__INPUT)",
+        }
+        if settings.shadow.model_path is not None:
+            reserved[settings.shadow.topic] = "the shadow topic (CW_SHADOW__TOPIC)"
+        owner: dict[str, str] = {}
+        for category in self.categories():
+            topic = self._topic[category]
+            if topic in reserved:
+                raise ModelError(
+                    f"model bundle: category {category!r} would be routed to {topic!r}, {reserved[topic]}; "
+                    "rename the category or change that topic"
+                )
+            if topic in owner:
+                raise ModelError(
+                    f"model bundle: categories {owner[topic]!r} and {category!r} both map to topic {topic!r} "
+                    "(illegal characters become '_', names are cut at 249 characters); rename one"
+                )
+            owner[topic] = category
 
     def category_of(self, label: str) -> str:
         return self._category.get(label, label)

@@ -41,7 +41,7 @@ def test_classifier_failure_commits_nothing_retries_with_backoff_and_recovers(
 ) -> None:
     # Given a classifier that fails on its first three batches
     engine, hooks = _engine(kafka_bootstrap, topics, tiny_bundle)
-    real_predict = engine.pipeline.classifier.predict_proba
+    real_predict = engine.pipeline.classifier.encode
     failures = []
 
     def flaky(texts: list[str]) -> object:
@@ -50,7 +50,7 @@ def test_classifier_failure_commits_nothing_retries_with_backoff_and_recovers(
             raise InferenceError("simulated onnxruntime failure")
         return real_predict(texts)
 
-    engine.pipeline.classifier.predict_proba = flaky  # type: ignore[method-assign]
+    engine.pipeline.classifier.encode = flaky  # type: ignore[method-assign]
     messages, expected = scenario.build(300)
     produce(kafka_bootstrap, topics.input, messages)
 

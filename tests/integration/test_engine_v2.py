@@ -48,7 +48,7 @@ def _valid_only(n: int) -> tuple[list[tuple[bytes | None, bytes | None, list[tup
 
 def _wrap_classifier(engine: ConfluentEngine, before: Callable[[int, list[str]], None]) -> list[int]:
     """Run `before(call_number, texts)` ahead of each classifier call; returns the call sizes."""
-    real = engine.pipeline.classifier.predict_proba
+    real = engine.pipeline.classifier.encode
     sizes: list[int] = []
 
     def wrapped(texts: list[str]) -> object:
@@ -56,7 +56,7 @@ def _wrap_classifier(engine: ConfluentEngine, before: Callable[[int, list[str]],
         before(len(sizes), texts)
         return real(texts)
 
-    engine.pipeline.classifier.predict_proba = wrapped  # type: ignore[method-assign]
+    engine.pipeline.classifier.encode = wrapped  # type: ignore[method-assign]
     return sizes
 
 

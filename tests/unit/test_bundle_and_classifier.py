@@ -125,3 +125,49 @@ def test_sub_batches_keep_short_texts_away_from_long_ones_and_respect_the_budget
         widths = {len(encoded.chunks[i].ids) for i in g}
         assert len(widths) == 1, "a 3-token query padded to 42 tokens wastes 93% of the call"
         assert len(g) * max(widths) <= 600
+
+
+def test_a_document_over_max_chunks_is_classified_on_its_first_chunks_only(tmp_path: Path) -> None:
+    # Given chunks of 6 content tokens overlapping by 1 (stride is capped at a quarter of the window),
+    # a cap of 3 chunks, and a document whose first 12 tokens say weather and the next 60 transfer
+    bundle = load_bundle(build_bundle(tmp_path / "b", max_length=8))
+    capped, full = Classifier(bundle, stride=2, max_chunks=3), Classifier(bundle, stride=2)
+    doc = "rain " * 12 + "wire " * 60
+    # When it is encoded, only its first 3 chunks are kept, and the truncation says what they cover
+    encoded = capped.encode([doc, "rain wire"])
+    assert encoded.owners == [0, 0, 0, 1]
+    truncation = encoded.truncated[0]
+    assert (truncation.chunks, list(encoded.truncated)) == (3, [0])
+    assert doc[: truncation.chars].split() == ["rain"] * 12 + ["wire"] * 4, "3 chunks cover 6 + 5 + 5 tokens"
+    # And the prediction is the first chunks' (weather), where the whole document's is transfer
+    assert capped.predict([doc])[0].label == "weather"
+    assert full.predict([doc])[0].label == "transfer"
+    first3 = full.encode([doc])
+    np.testing.assert_allclose(
+        capped.predict_proba([doc]), full.proba_of(type(first3)(first3.chunks[:3], [0, 0, 0], 1)), rtol=1e-6
+    )
+
+
+def test_texts_within_max_chunks_are_untouched(tmp_path: Path) -> None:
+    bundle = load_bundle(build_bundle(tmp_path / "b", max_length=8))
+    texts = ["rain " * n + "hotel" for n in range(1, 12)]  # up to 3 chunks
+    capped = Classifier(bundle, stride=2, max_chunks=3)
+    assert capped.encode(texts).truncated == {}
+    np.testing.assert_allclose(capped.predict_proba(texts), Classifier(bundle, stride=2).predict_proba(texts))
+
+
+def test_the_tokenizer_never_sees_more_than_the_capped_head_of_a_huge_text(tmp_path: Path) -> None:
+    # Tokenizing a whole 1 MB text only to keep its first chunks took 1.2 s with the shipped model
+    c = Classifier(load_bundle(build_bundle(tmp_path / "b", max_length=8)), stride=2, max_chunks=3)
+    seen: list[int] = []
+    real = c._tok
+
+    class Spy:
+        def encode_batch(self, texts: list[str]) -> object:
+            seen.extend(len(t) for t in texts)
+            return real.encode_batch(texts)
+
+    c._tok = Spy()  # type: ignore[assignment]
+    encoded = c.encode(["weather " * 125_000])
+    assert max(seen) <= 3 * 8 * 16, seen
+    assert encoded.truncated[0].chunks == 3 and encoded.owners == [0, 0, 0]

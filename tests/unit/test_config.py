@@ -23,6 +23,8 @@ CONTRACT_ENV = {
     "CW_BATCH__MAX_ITEMS": ("batch.max_items", "64", 64),
     "CW_BATCH__MAX_WAIT_MS": ("batch.max_wait_ms", "5", 5),
     "CW_MODEL__PATH": ("model.path", "/models/x", Path("/models/x")),
+    "CW_LIMITS__MAX_CHUNKS": ("limits.max_chunks", "4", 4),
+    "CW_LIMITS__OVER_MAX_CHUNKS": ("limits.over_max_chunks", "dead_letter", "dead_letter"),
     "CW_ROUTING__THRESHOLD": ("routing.threshold", "0.4", 0.4),
     "CW_DELIVERY": ("delivery", "at_least_once", "at_least_once"),
     "CW_METRICS__PORT": ("metrics.port", "9200", 9200),

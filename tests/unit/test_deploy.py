@@ -127,8 +127,8 @@ HELM = shutil.which("helm") or (str(ROOT / ".tools" / "helm") if (ROOT / ".tools
 @pytest.mark.parametrize(
     ("extra", "kinds"),
     [
-        ([], {"Deployment", "ConfigMap", "Service", "PodDisruptionBudget", "ServiceAccount"}),
-        (["--set", "workload=StatefulSet"], {"StatefulSet"}),
+        ([], {"StatefulSet", "ConfigMap", "Service", "PodDisruptionBudget", "ServiceAccount"}),
+        (["--set", "workload=Deployment"], {"Deployment"}),
         (["--set", "autoscaling.keda.enabled=true"], {"ScaledObject"}),
         (["--set", "autoscaling.hpa.enabled=true"], {"HorizontalPodAutoscaler"}),
         (["--api-versions", "monitoring.coreos.com/v1"], {"ServiceMonitor"}),
@@ -158,7 +158,7 @@ def test_tls_secrets_are_mounted_read_only_and_named_in_the_kafka_config() -> No
     # When the chart renders
     out = subprocess.run([HELM, "template", "cw", str(CHART), *args], check=True, capture_output=True, text=True)
     docs = {d["kind"]: d for d in yaml.safe_load_all(out.stdout) if d}
-    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    pod = docs["StatefulSet"]["spec"]["template"]["spec"]
     volumes = {v["name"]: v.get("secret") for v in pod["volumes"]}
     container = pod["containers"][0]
     mounts = {m["name"]: m for m in container["volumeMounts"]}
@@ -192,7 +192,7 @@ def test_without_tls_secrets_nothing_is_mounted_and_the_config_is_as_given() -> 
     assert HELM is not None
     out = subprocess.run([HELM, "template", "cw", str(CHART)], check=True, capture_output=True, text=True)
     docs = {d["kind"]: d for d in yaml.safe_load_all(out.stdout) if d}
-    assert [v["name"] for v in docs["Deployment"]["spec"]["template"]["spec"]["volumes"]] == ["tmp"]
+    assert [v["name"] for v in docs["StatefulSet"]["spec"]["template"]["spec"]["volumes"]] == ["tmp"]
     assert json.loads(docs["ConfigMap"]["data"]["CW_KAFKA__CONFIG"]) == {}
 
 
@@ -234,8 +234,13 @@ def _render(*extra: str) -> list[dict]:
     return [d for d in yaml.safe_load_all(out.stdout) if d]
 
 
+def _workload(docs: list[dict]) -> dict:
+    (workload,) = [d for d in docs if d["kind"] in ("Deployment", "StatefulSet")]
+    return workload
+
+
 def _pod_and_env(docs: list[dict]) -> tuple[dict, dict]:
-    pod = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+    pod = _workload(docs)["spec"]["template"]["spec"]
     env = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
     return pod, env
 
@@ -271,3 +276,82 @@ def test_helm_default_uses_the_model_in_the_image_and_refuses_two_sources() -> N
     both = ["--set", "model.existingClaim=x", "--set", "model.image.repository=y"]
     out = subprocess.run([HELM, "template", "cw", str(CHART), *both], capture_output=True, text=True, check=False)
     assert out.returncode != 0 and "at most one of model.image.repository and model.existingClaim" in out.stderr
+
+
+def _worker_env(docs: list[dict]) -> dict[str, dict]:
+    pod = _workload(docs)["spec"]["template"]["spec"]
+    return {e["name"]: e for e in pod["containers"][0]["env"]}
+
+
+@pytest.mark.skipif(HELM is None, reason="helm is not installed")
+def test_inference_threads_follow_the_pods_cpu_not_the_nodes() -> None:
+    # Without a CPU limit there is no quota to read, and the affinity mask is the node's: the request
+    by_request = _worker_env(_render())["CW_MODEL__THREADS"]
+    assert by_request["valueFrom"]["resourceFieldRef"] == {
+        "containerName": "worker",
+        "resource": "requests.cpu",
+        "divisor": "1",
+    }
+    # With a limit the worker reads its cgroup quota itself; an explicit value wins over both
+    assert "CW_MODEL__THREADS" not in _worker_env(_render("--set", "resources.limits.cpu=4"))
+    assert _worker_env(_render("--set", "model.threads=3"))["CW_MODEL__THREADS"]["value"] == "3"
+
+
+@pytest.mark.skipif(HELM is None, reason="helm is not installed")
+def test_default_workload_gives_each_replica_a_stable_transactional_id() -> None:
+    # Given the chart's defaults
+    docs = _render()
+    workload = _workload(docs)
+    # Then replicas are a StatefulSet: a rescheduled pod keeps its name, hence its transactional id
+    # (<group>-<pod name>), and fences its predecessor's open transaction at once
+    assert workload["kind"] == "StatefulSet"
+    instance = _worker_env(docs)["CW_KAFKA__INSTANCE_ID"]
+    assert instance["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    # And its governing Service exists and is headless, as a StatefulSet's must be
+    service = next(
+        d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == workload["spec"]["serviceName"]
+    )
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["selector"] == workload["spec"]["selector"]["matchLabels"]
+
+
+@pytest.mark.skipif(HELM is None, reason="helm is not installed")
+@pytest.mark.parametrize("kind", ["StatefulSet", "Deployment"])
+@pytest.mark.parametrize("scaler", ["keda", "hpa"])
+def test_autoscalers_point_at_the_workload_the_chart_renders(kind: str, scaler: str) -> None:
+    docs = _render("--set", f"workload={kind}", "--set", f"autoscaling.{scaler}.enabled=true")
+    workload = _workload(docs)
+    (target,) = [d["spec"]["scaleTargetRef"] for d in docs if d["kind"] in ("ScaledObject", "HorizontalPodAutoscaler")]
+    assert (target["apiVersion"], target["kind"], target["name"]) == (
+        "apps/v1",
+        workload["kind"],
+        workload["metadata"]["name"],
+    )
+    assert workload["kind"] == kind and "replicas" not in workload["spec"], "the autoscaler owns the replica count"
+    headless = [d for d in docs if d["kind"] == "Service" and d["spec"].get("clusterIP") == "None"]
+    assert len(headless) == (kind == "StatefulSet")
+
+
+@pytest.mark.skipif(HELM is None, reason="helm is not installed")
+@pytest.mark.parametrize(
+    ("args", "grace_s"),
+    [
+        ([], 60 + 10 + 20),  # defaults: 60 s transaction, 10 s session
+        (["--set", "kafka.transactionTimeoutMs=30000"], 30 + 10 + 20),
+        (["--set", "kafka.transactionTimeoutMs=900000"], 60 + 10 + 20),  # 2 x 30 s call timeouts cap a commit
+        (["--set", "kafka.sessionTimeoutMs=45000"], 60 + 45 + 20),
+        (["--set", "kafka.transactionTimeoutMs=1500"], 2 + 10 + 20),  # rounded up
+        (["--set", "terminationGracePeriodSeconds=200"], 200),
+    ],
+)
+def test_grace_period_is_sized_from_the_timeouts_a_shutdown_waits_on(args: list[str], grace_s: int) -> None:
+    docs = _render(*args)
+    assert _workload(docs)["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == grace_s
+    env = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
+    values = _values()["kafka"]
+    transaction_ms = next(
+        (a.split("=")[1] for a in args if "transactionTimeoutMs" in a), values["transactionTimeoutMs"]
+    )
+    assert env["CW_KAFKA__TRANSACTION_TIMEOUT_MS"] == str(transaction_ms), (
+        "the worker uses the timeout the grace assumes"
+    )

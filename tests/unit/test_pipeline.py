@@ -135,6 +135,120 @@ def test_classifier_failure_fails_the_whole_batch(pipeline: Pipeline, monkeypatc
     def boom(texts: list[str]) -> object:
         raise InferenceError("simulated")
 
-    monkeypatch.setattr(pipeline.classifier, "predict_proba", boom)
+    monkeypatch.setattr(pipeline.classifier, "proba_of", boom)
     with pytest.raises(InferenceError):
         pipeline.process([rec(b'{"text": "rain"}')])
+
+
+class _PoisonTokenizer:
+    """Stands in for a tokenizer bug: raises a non-`InferenceError` on texts containing `poison`,
+    wherever they sit in the batch; counts the calls so bisection's cost is visible."""
+
+    def __init__(self, real: object, exc: type[Exception] = TypeError) -> None:
+        self.real = real
+        self.exc = exc
+        self.calls = 0
+
+    def encode_batch(self, texts: list[str]) -> object:
+        self.calls += 1
+        if any("poison" in t for t in texts):
+            raise self.exc("tokenizer exploded")
+        return self.real.encode_batch(texts)  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def poisoned(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Pipeline, _PoisonTokenizer]:
+    p = build_pipeline(load_settings(model={"path": build_bundle(tmp_path / "b")}))
+    tok = _PoisonTokenizer(p.classifier._tok)
+    monkeypatch.setattr(p.classifier, "_tok", tok)
+    return p, tok
+
+
+def test_a_record_that_breaks_the_classifier_alone_is_dead_lettered(
+    poisoned: tuple[Pipeline, _PoisonTokenizer],
+) -> None:
+    p, _ = poisoned
+    value = b'{"text": "poison pill"}'
+    (out,) = p.process([rec(value, offset=9)]).outgoing
+    headers = dict(out.headers)
+    assert (out.kind, out.topic, headers["error.reason"]) == ("dead_letter", "classify.dlq", b"inference_error")
+    assert out.value == value and headers["source.offset"] == b"9"
+    assert b"TypeError" in headers["error.message"] and b"poison" not in headers["error.message"]
+
+
+def test_a_failing_batch_is_bisected_so_only_the_poison_records_are_dead_lettered(
+    poisoned: tuple[Pipeline, _PoisonTokenizer],
+) -> None:
+    # Given 40 records, two of them poison, the rest routable
+    p, tok = poisoned
+    texts = ["wire money" if i % 2 else "hotel room" for i in range(40)]
+    texts[7], texts[31] = "poison one", "poison two"
+    records = [rec(orjson.dumps({"text": t}), offset=i) for i, t in enumerate(texts)]
+    # When the batch is processed
+    outs = p.process(records).outgoing
+    # Then exactly the poison records are dead letters, the rest routed, in input order
+    assert [o.source.offset for o in outs] == list(range(40))
+    dead = [o.source.offset for o in outs if o.kind == "dead_letter"]
+    assert dead == [7, 31], dead
+    assert {dict(outs[i].headers)["error.reason"] for i in dead} == {b"inference_error"}
+    assert {o.topic for o in outs if o.kind != "dead_letter"} == {"routed.banking", "routed.travel"}
+    # And bisection costs O(poison x log n) calls, not one per record
+    assert tok.calls <= 2 + 2 * 2 * 6, tok.calls
+
+
+def test_bisected_results_equal_the_unbroken_classifiers(poisoned: tuple[Pipeline, _PoisonTokenizer]) -> None:
+    p, _ = poisoned
+    texts = ["wire hotel", "rain rain flight", "poison", "balance account", "tell me a joke"]
+    records = [rec(orjson.dumps({"text": t}), offset=i) for i, t in enumerate(texts)]
+    bisected = [o.value for o in p.process(records).outgoing if o.kind != "dead_letter"]
+    clean = [o.value for o in p.process(records[:2] + records[3:]).outgoing]
+    assert bisected == clean, "a text's route must not depend on the batch it was classified in"
+
+
+def test_a_classifier_that_fails_on_everything_fails_the_batch_instead_of_dead_lettering_it(
+    poisoned: tuple[Pipeline, _PoisonTokenizer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a classifier broken for every input, a known-good probe included (not a bad message)
+    p, tok = poisoned
+
+    def broken(texts: list[str]) -> object:
+        raise RuntimeError("cannot schedule new futures after shutdown")
+
+    monkeypatch.setattr(tok, "encode_batch", broken)
+    # Then the batch fails as a whole (no commit, retried), and nothing is dead-lettered
+    for batch in ([rec(b'{"text": "rain"}')], [rec(b'{"text": "rain"}'), rec(b'{"text": "wire"}', 1)]):
+        with pytest.raises(InferenceError, match="RuntimeError"):
+            p.process(batch)
+
+
+def _long_doc_pipeline(tmp_path: Path, **limits: object) -> Pipeline:
+    settings = load_settings(
+        model={"path": build_bundle(tmp_path / "b", max_length=8), "stride": 2},
+        limits={"max_input_bytes": 100_000, "max_chunks": 2, **limits},
+    )
+    return build_pipeline(settings)
+
+
+def test_a_document_over_max_chunks_is_routed_on_its_head_and_says_so(tmp_path: Path) -> None:
+    # Given a cap of 2 chunks (6 + 5 tokens), a document whose head is about weather, and a short query
+    p = _long_doc_pipeline(tmp_path)
+    doc = "rain " * 8 + "wire " * 500
+    outs = p.process([rec(orjson.dumps({"text": doc, "kind": "document"})), rec(b'{"text": "wire"}', 1)]).outgoing
+    long_route, short_route = (orjson.loads(o.value)["route"] for o in outs)
+    # Then it is routed on its first 2 chunks, and `route.truncated` says how much was read
+    assert (outs[0].topic, long_route["label"]) == ("routed.weather", "weather")
+    assert long_route["truncated"]["chunks"] == 2
+    assert doc[: long_route["truncated"]["chars"]].split() == ["rain"] * 8 + ["wire"] * 3
+    Routed.model_validate(orjson.loads(outs[0].value))
+    # And a text within the cap carries no truncation note
+    assert "truncated" not in short_route and outs[1].topic == "routed.banking"
+
+
+def test_a_document_over_max_chunks_is_dead_lettered_when_asked(tmp_path: Path) -> None:
+    p = _long_doc_pipeline(tmp_path, over_max_chunks="dead_letter")
+    doc = orjson.dumps({"text": "rain " * 8 + "wire " * 500})
+    long_out, short_out = p.process([rec(doc, offset=5), rec(b'{"text": "rain"}', 6)]).outgoing
+    headers = dict(long_out.headers)
+    assert (long_out.kind, headers["error.reason"], long_out.value) == ("dead_letter", b"too_long", doc)
+    assert b"CW_LIMITS__MAX_CHUNKS" in headers["error.message"]
+    assert short_out.kind == "routed"

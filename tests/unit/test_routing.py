@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -10,7 +11,9 @@ from hypothesis import strategies as st
 
 from tests.support.tiny_model import LABELS, build_bundle
 from worker.config import load_settings
+from worker.errors import ModelError
 from worker.model import load_bundle
+from worker.pipeline import build_pipeline
 from worker.routing import Router, sanitize_topic_part
 
 
@@ -82,3 +85,51 @@ def test_a_query_split_between_two_labels_of_one_category_still_routes(router: R
     probs = _probs(balance=0.45, transfer=0.40, hotel=0.15)  # top label alone is under the 0.6 threshold
     d = router.route("balance", float(router.category_scores(probs)[0]))
     assert (d.topic, d.fallback) == ("routed.banking", False)
+
+
+def _bundle_with_categories(tmp_path: Path, categories: dict[str, str]) -> Path:
+    directory = build_bundle(tmp_path / "b")
+    doc = {"categories": categories, "threshold": 0.5, "fallback_labels": ["oos"]}
+    (directory / "routes.json").write_text(json.dumps(doc))
+    return directory
+
+
+@pytest.mark.parametrize(
+    ("categories", "names"),
+    [
+        ({"balance": "Small Talk", "transfer": "Small_Talk"}, ["'Small Talk'", "'Small_Talk'", "'routed.Small_Talk'"]),
+        ({"flight": "travel/air", "hotel": "travel air"}, ["'travel air'", "'travel/air'", "'routed.travel_air'"]),
+        ({"balance": "x" * 300, "transfer": "x" * 299 + "y"}, ["both map to topic"]),
+    ],
+)
+def test_categories_whose_topic_names_collide_are_refused_at_load(
+    tmp_path: Path, categories: dict[str, str], names: list[str]
+) -> None:
+    bundle = _bundle_with_categories(tmp_path, categories)
+    with pytest.raises(ModelError) as raised:
+        build_pipeline(load_settings(model={"path": bundle}))
+    for name in names:
+        assert name in str(raised.value), str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("category", "settings", "topic"),
+    [
+        ("fallback", {}, "routed.fallback"),
+        ("in", {"topics": {"prefix": "classify."}}, "classify.in"),
+        ("dlq", {"topics": {"prefix": "classify.", "dlq": "classify.dlq"}}, "classify.dlq"),
+    ],
+)
+def test_a_category_routed_onto_the_fallback_input_or_dead_letter_topic_is_refused(
+    tmp_path: Path, category: str, settings: dict, topic: str
+) -> None:
+    bundle = load_bundle(_bundle_with_categories(tmp_path, {"weather": category}))
+    with pytest.raises(ModelError, match=rf"category '{category}'.*'{re.escape(topic)}'"):
+        Router(bundle.routes, bundle.labels, load_settings(**settings))
+
+
+def test_a_category_of_fallback_labels_only_may_share_the_fallback_topic_name(tmp_path: Path) -> None:
+    # `oos` is a fallback label: its items always go to the fallback topic, whatever its category
+    bundle = load_bundle(_bundle_with_categories(tmp_path, {"oos": "fallback"}))
+    router = Router(bundle.routes, bundle.labels, load_settings())
+    assert router.route("oos", 0.99).topic == "routed.fallback"

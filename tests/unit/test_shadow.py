@@ -96,7 +96,7 @@ def test_dead_letters_are_not_scored_and_an_all_invalid_batch_has_no_shadow_reco
 class _Broken:
     """Stands in for the shadow classifier: every call fails as onnxruntime would."""
 
-    def predict_proba(self, texts: list[str]) -> None:
+    def encode(self, texts: list[str]) -> None:
         raise InferenceError("onnxruntime failed on a batch")
 
 

@@ -5,15 +5,16 @@ budget, so a single long document does not pad a hundred short queries to its le
 sub-batches run concurrently on single-threaded onnxruntime calls, one per core: for a small
 encoder on short texts, onnxruntime's intra-op threads spend more time synchronising than
 computing (measured in bench/NOTES.md). Texts longer than the model's limit are split into
-overlapping chunks whose probabilities are averaged instead of being silently truncated.
+overlapping chunks whose probabilities are averaged instead of being silently truncated; past
+`max_chunks` chunks (`CW_LIMITS__MAX_CHUNKS`) a text is classified on its first chunks, and the
+`Encoded.truncated` entry says how much of it that covers.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ import onnxruntime as ort
 from tokenizers import Encoding, Tokenizer
 
 from worker.config import DEFAULT_TOKEN_BUDGET
+from worker.cpus import usable_cores
 from worker.errors import InferenceError, ModelError
 from worker.model.bundle import Bundle
 
@@ -29,6 +31,10 @@ MAX_ROWS = 256
 #: The fixed cost of one onnxruntime call, in padded tokens: measured on 2 cores with the
 #: default model, 16..64 all gave about twice the throughput of one call per micro-batch.
 CALL_OVERHEAD_TOKENS = 32
+#: A text over `max_chunks` is cut to this many characters per token of its chunks before it is
+#: tokenized: English WordPiece averages ~4, so 16 keeps every chunk full for any ordinary text,
+#: while tokenizing a whole 1 MB text only to drop most of its chunks took 1.2 s (measured here).
+MAX_CHARS_PER_TOKEN = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,24 +45,32 @@ class Prediction:
 
 
 @dataclass(frozen=True, slots=True)
+class Truncation:
+    """A text longer than `max_chunks` chunks: it was classified on its first `chunks` chunks,
+    which cover its first `chars` characters."""
+
+    chunks: int
+    chars: int
+
+
+@dataclass(frozen=True, slots=True)
 class Encoded:
-    """A tokenized batch: chunks in order, the text each belongs to, and how many texts."""
+    """A tokenized batch: chunks in order, the text each belongs to, how many texts, and which
+    texts were cut to `max_chunks` (by index)."""
 
     chunks: list[Encoding]
     owners: list[int]
     texts: int
+    truncated: dict[int, Truncation] = field(default_factory=dict)
 
-
-def usable_cores() -> int:
-    """CPUs this process may use: the affinity mask, capped by a cgroup v2 CPU quota (containers)."""
-    cores = len(os.sched_getaffinity(0))
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
-        if quota != "max":
-            cores = min(cores, max(1, int(int(quota) // int(period))))
-    except (OSError, ValueError):
-        pass
-    return max(1, cores)
+    def without(self, texts: Collection[int]) -> Encoded:
+        """The same batch less some texts (indices renumbered), without tokenizing again."""
+        if not texts:
+            return self
+        index = {old: new for new, old in enumerate(i for i in range(self.texts) if i not in texts)}
+        kept = [(chunk, index[owner]) for chunk, owner in zip(self.chunks, self.owners, strict=True) if owner in index]
+        truncated = {index[i]: t for i, t in self.truncated.items() if i in index}
+        return Encoded([c for c, _ in kept], [o for _, o in kept], len(index), truncated)
 
 
 def _session(path: Path) -> ort.InferenceSession:
@@ -102,8 +116,12 @@ class Classifier:
         top_k: int = 3,
         stride: int = 32,
         threads: int | None = None,
+        max_chunks: int | None = None,
     ) -> None:
         self.bundle = bundle
+        self.max_chunks = max_chunks
+        #: how much of a text is tokenized at most: enough for `max_chunks` full chunks
+        self._max_chars = max_chunks * bundle.max_length * MAX_CHARS_PER_TOKEN if max_chunks else None
         self.labels = bundle.labels
         self.top_k = min(top_k, len(bundle.labels))
         self.token_budget = max(token_budget, bundle.max_length)
@@ -128,6 +146,15 @@ class Classifier:
                 f"{len(self.labels)} labels"
             )
 
+    def healthy(self) -> bool:
+        """Whether a known-good text still classifies: tells a poison record from a broken
+        classifier when a batch raises."""
+        try:
+            self.predict_proba(["probe"])
+        except Exception:  # whatever broke the batch; the caller holds that exception
+            return False
+        return True
+
     def predict(self, texts: Sequence[str]) -> list[Prediction]:
         return self.predictions(self.predict_proba(texts))
 
@@ -150,16 +177,20 @@ class Classifier:
         return self.proba_of(self.encode(texts))
 
     def encode(self, texts: Sequence[str]) -> Encoded:
-        """Tokenize once; long texts become several overlapping chunks."""
+        """Tokenize once; long texts become several overlapping chunks, at most `max_chunks`."""
         chunks: list[Encoding] = []
         owners: list[int] = []
-        for i, enc in enumerate(self._tok.encode_batch(list(texts))):
-            chunks.append(enc)
-            owners.append(i)
-            for extra in enc.overflowing:
-                chunks.append(extra)
-                owners.append(i)
-        return Encoded(chunks, owners, len(texts))
+        truncated: dict[int, Truncation] = {}
+        cap, max_chars = self.max_chunks, self._max_chars
+        heads = [text[:max_chars] for text in texts]
+        for i, (text, enc) in enumerate(zip(texts, self._tok.encode_batch(heads), strict=True)):
+            parts = [enc, *enc.overflowing]
+            if cap is not None and (len(parts) > cap or len(text) > len(heads[i])):
+                parts = parts[:cap]
+                truncated[i] = Truncation(len(parts), max((end for p in parts for _, end in p.offsets), default=0))
+            chunks += parts
+            owners += [i] * len(parts)
+        return Encoded(chunks, owners, len(texts), truncated)
 
     def proba_of(self, encoded: Encoded) -> np.ndarray:
         """Inference only, on already tokenized texts (what `bench` measures as the ceiling)."""

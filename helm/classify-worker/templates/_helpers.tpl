@@ -64,3 +64,14 @@ a claim), else model.path (empty = the model shipped in the worker image). */}}
 {{- end }}
 {{- toJson $config }}
 {{- end }}
+
+{{- /* The grace period: set, or sized from the timeouts a shutdown waits on (values.yaml says how). */ -}}
+{{- define "classify-worker.terminationGracePeriodSeconds" -}}
+{{- if ne (toString .Values.terminationGracePeriodSeconds) "" -}}
+{{ .Values.terminationGracePeriodSeconds }}
+{{- else -}}
+{{- $commit := min (div (add .Values.kafka.transactionTimeoutMs 999) 1000) 60 -}}
+{{- $leave := div (add .Values.kafka.sessionTimeoutMs 999) 1000 -}}
+{{ add $commit $leave 20 }}
+{{- end -}}
+{{- end }}
