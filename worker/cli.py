@@ -25,6 +25,7 @@ from worker.errors import (
     EXIT_ACCESS,
     EXIT_CONFIG,
     EXIT_FATAL,
+    EXIT_INTERRUPTED,
     EXIT_MODEL,
     ConfigError,
     DataError,
@@ -402,6 +403,8 @@ def replay(
             typer.echo(json.dumps(summary))
         else:
             _print_replay(selection.source, selection.target, summary)
+    if summary["interrupted"]:
+        _fail(EXIT_INTERRUPTED, "replay interrupted before the end of its window; the same command resumes it")
 
 
 def _print_replay(source: str, target: str, summary: dict[str, Any]) -> None:
@@ -414,6 +417,7 @@ def _print_replay(source: str, target: str, summary: dict[str, Any]) -> None:
     typer.echo(line("would replay" if summary["dry_run"] else "replayed", summary["replayed"]))
     typer.echo(line("skipped: max replays reached", summary["skipped_max_replays"]))
     typer.echo(line("not selected (--reason)", summary["not_selected"]))
+    typer.echo(line("skipped: cannot be sent", summary["skipped_unsendable"]))
     for ex in summary["examples"]:
         typer.echo(
             f"  {ex['partition']}:{ex['offset']} key={ex['key']!r} {ex['reason']}: {ex['message']} "

@@ -147,6 +147,11 @@ class LimitSettings(_Section):
     #: Kafka's default `max.message.bytes` (1 MiB less headroom); larger outputs are dead-lettered
     #: instead of failing the whole transaction.
     max_output_bytes: int = Field(default=1_000_000, ge=1024)
+    #: Inbound bytes held awaiting their commit: exactly-once commits a unit early at this size,
+    #: at-least-once pauses consuming while unacknowledged batches hold more. 64 MiB is ~400 ms
+    #: at full speed with 1 KB messages (never reached), or 64 messages of 1 MB (well inside a
+    #: 2 GiB pod with librdkafka's own 64 MiB fetch queue and the classifier's batch).
+    max_held_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     #: Chunks (model windows) classified per text; a longer text is routed on its first chunks and
     #: says so in `route.truncated`. 16 chunks of the default model are ~1,500 words (a document's
     #: opening pages, where its topic is) and ~0.35 s of one core (22 ms a chunk, measured on this

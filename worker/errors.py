@@ -11,6 +11,8 @@ EXIT_CONFIG = 2
 EXIT_MODEL = 3
 #: the cluster refuses us (credentials, TLS trust, security protocol, a missing ACL): fix, then restart
 EXIT_ACCESS = 4
+#: `replay` stopped by SIGTERM/SIGINT before the end of its window (128 + SIGINT, as a shell says)
+EXIT_INTERRUPTED = 130
 
 
 class WorkerError(Exception):

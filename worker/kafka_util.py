@@ -31,6 +31,16 @@ RETRY_PAUSE_S = 0.1
 
 TP = tuple[str, int]
 
+#: Produce errors that refuse one record for what it is (its size, its format): a retry of the
+#: same record fails the same way, so the record is dead-lettered (or skipped), never retried.
+RECORD_REFUSALS = frozenset(
+    {
+        KafkaError.MSG_SIZE_TOO_LARGE,
+        KafkaError.RECORD_LIST_TOO_LARGE,
+        KafkaError.INVALID_RECORD,
+    }
+)
+
 
 class Backoff:
     """Doubling pauses between retries, from `start_s` up to `max_s`: the one policy of both
@@ -69,11 +79,20 @@ def kafka_error(e: KafkaException) -> KafkaError:
 def retry_call(
     fn: Callable[[], Any], timeout_s: float = CALL_TIMEOUT_S, tick: Callable[[], None] = lambda: None
 ) -> None:
-    """Call `fn` again while librdkafka says the same call may succeed, up to `timeout_s`;
-    `tick` runs before each attempt (the engine stamps its liveness there).
+    """Make one transactional call the way librdkafka asks its callers to: call it again while
+    the error is retriable, for up to `timeout_s`; `tick` runs before each attempt (the engine
+    stamps its liveness there).
 
-    A fatal error (fenced by a newer producer with our transactional id) becomes
-    `FatalDeliveryError`; anything else is re-raised for the caller to abort on."""
+    A `commit_transaction` or `abort_transaction` that timed out is *resumable*: librdkafka
+    keeps it in progress and answers every other transactional call with "Conflicting
+    commit_transaction API call is already in progress" until the same call is made again. So
+    a retriable error is never answered with an abort. An error that requires an abort
+    (`txn_requires_abort`) is re-raised as the `KafkaException` for the caller to abort on.
+    Anything else cannot complete in this process and becomes `FatalDeliveryError`: a fatal
+    error (fenced by a newer producer with our transactional id), any other error (librdkafka:
+    "treat any other error as fatal"), or a retriable one still failing after `timeout_s` (the
+    broker aborts a transaction older than its timeout anyway). The process then exits
+    non-zero, and its restart (same transactional id) fences and aborts what was left open."""
     deadline = time.monotonic() + timeout_s
     while True:
         tick()
@@ -84,8 +103,14 @@ def retry_call(
             err = kafka_error(e)
             if err.fatal():
                 raise FatalDeliveryError(f"fatal Kafka error: {err.str()}") from e
-            if not err.retriable() or time.monotonic() > deadline:
+            if err.txn_requires_abort():
                 raise
+            if not err.retriable():
+                raise FatalDeliveryError(f"transactional call failed: {err.str()}") from e
+            if time.monotonic() > deadline:
+                raise FatalDeliveryError(
+                    f"transactional call not completed within {timeout_s:.0f} s: {err.str()}"
+                ) from e
             time.sleep(RETRY_PAUSE_S)
 
 

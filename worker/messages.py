@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, RootModel
 
 #: Header names are part of the contract: consumers filter on them without parsing values.
 ROUTE_HEADERS = ("route.category", "route.label", "route.score", "route.model")
-#: On every output (routed and dead-letter): "<instance>:<pid>:<seq>", the transaction attempt
+#: On every output (routed and dead-letter): "<instance>:<nonce>:<seq>", the transaction attempt
 #: that produced it — lineage for operators tracing an output back to a worker process.
 BATCH_HEADER = "route.batch"
 ERROR_REASON = "error.reason"
@@ -23,6 +23,10 @@ ERROR_MESSAGE = "error.message"
 SOURCE_TOPIC = "source.topic"
 SOURCE_PARTITION = "source.partition"
 SOURCE_OFFSET = "source.offset"
+#: On a dead letter too large to keep its body (null value): the original value's size and
+#: SHA-256 (hex), so the message can be found and matched at its producer.
+VALUE_BYTES = "error.value_bytes"
+VALUE_SHA256 = "error.value_sha256"
 #: How many times `classify-worker replay` has re-driven this message from the DLQ; replay skips
 #: it at `--max-replays`, so a message that fails every time cannot loop.
 REPLAY_COUNT = "replay.count"

@@ -42,6 +42,8 @@ class Hooks:
     def on_committed(self, outgoing: Sequence[Outgoing], now_ms: int) -> None: ...
     def on_batch_failed(self, stage: str) -> None: ...
     def on_lag(self, topic: str, partition: int, lag: int) -> None: ...
+    def on_commit(self, seconds: float) -> None: ...
+    def on_stalled(self) -> None: ...
 
 
 class HookSet(Hooks):
@@ -81,6 +83,12 @@ class HookSet(Hooks):
     def on_lag(self, topic: str, partition: int, lag: int) -> None:
         self._call("on_lag", topic, partition, lag)
 
+    def on_commit(self, seconds: float) -> None:
+        self._call("on_commit", seconds)
+
+    def on_stalled(self) -> None:
+        self._call("on_stalled")
+
 
 class Health(Hooks):
     """`/healthz`: the loop turned recently; `/readyz`: model loaded and partitions assigned."""
@@ -91,6 +99,7 @@ class Health(Hooks):
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._last_loop = time.monotonic()
+        self._stalled = False
         self._model = False
         self._assigned: set[tuple[str, int]] = set()
 
@@ -99,6 +108,12 @@ class Health(Hooks):
 
     def on_loop(self) -> None:
         self._last_loop = time.monotonic()
+        self._stalled = False
+
+    def on_stalled(self) -> None:
+        """The engine has had work in hand without progress past its stuck threshold: unhealthy
+        now, not `STALE_AFTER_S` later."""
+        self._stalled = True
 
     def on_assign(self, partitions: Sequence[tuple[str, int]]) -> None:
         with self._lock:
@@ -109,7 +124,7 @@ class Health(Hooks):
             self._assigned -= set(partitions)
 
     def alive(self) -> bool:
-        return time.monotonic() - self._last_loop < self.STALE_AFTER_S
+        return not self._stalled and time.monotonic() - self._last_loop < self.STALE_AFTER_S
 
     def ready(self) -> bool:
         with self._lock:
@@ -139,7 +154,20 @@ class PrometheusHooks(Hooks):
             "classify_batch_failures", "Batches retried, by failing stage.", ["stage"], registry=registry
         )
         self.lag = Gauge(
-            "classify_consumer_lag", "High watermark minus committed offset.", ["topic", "partition"], registry=registry
+            "classify_consumer_lag",
+            "High watermark minus committed offset (the log start where nothing is committed).",
+            ["topic", "partition"],
+            registry=registry,
+        )
+        #: Lag is reported (from the housekeeping thread) only for partitions assigned now: a
+        #: report computed before a revoke must not bring back the gauge the revoke removed.
+        self._lag_lock = threading.Lock()
+        self._assigned: set[tuple[str, int]] = set()
+        self.commit = Histogram(
+            "classify_commit_seconds",
+            "Duration of a commit: a transaction's offsets and commit, or an offset commit.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
         )
         self.model_info = Gauge("classify_model_info", "The loaded model.", ["model", "version"], registry=registry)
         for outcome in ("routed", "fallback", "dead_letter"):
@@ -197,13 +225,24 @@ class PrometheusHooks(Hooks):
     def on_batch_failed(self, stage: str) -> None:
         self.failures.labels(stage).inc()
 
+    def on_commit(self, seconds: float) -> None:
+        self.commit.observe(seconds)
+
+    def on_assign(self, partitions: Sequence[tuple[str, int]]) -> None:
+        with self._lag_lock:
+            self._assigned |= set(partitions)
+
     def on_lag(self, topic: str, partition: int, lag: int) -> None:
-        self.lag.labels(topic, str(partition)).set(lag)
+        with self._lag_lock:
+            if (topic, partition) in self._assigned:
+                self.lag.labels(topic, str(partition)).set(lag)
 
     def on_revoke(self, partitions: Sequence[tuple[str, int]]) -> None:
-        for topic, partition in partitions:
-            with contextlib.suppress(KeyError):  # never reported for this partition
-                self.lag.remove(topic, str(partition))
+        with self._lag_lock:
+            self._assigned -= set(partitions)
+            for topic, partition in partitions:
+                with contextlib.suppress(KeyError):  # never reported for this partition
+                    self.lag.remove(topic, str(partition))
 
 
 class MetricsServer:

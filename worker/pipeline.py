@@ -15,9 +15,10 @@ continues with the worker's own span id, so both engines propagate traces withou
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,8 @@ from worker.messages import (
     SOURCE_OFFSET,
     SOURCE_PARTITION,
     SOURCE_TOPIC,
+    VALUE_BYTES,
+    VALUE_SHA256,
     Inbound,
     ShadowDisagreement,
     ShadowTally,
@@ -49,6 +52,16 @@ from worker.tracing import Propagator
 log = logging.getLogger(__name__)
 
 _BOM = "\ufeff"
+
+#: librdkafka's default `message.max.bytes`: the largest record (key + value + headers) a
+#: producer accepts, below the broker's default topic limit (1,048,588).
+DEFAULT_MESSAGE_MAX_BYTES = 1_000_000
+#: Room kept in every record for what the engine adds (the `route.batch` header, ~60 bytes) and
+#: librdkafka's per-record framing (varints, attributes), which `message.max.bytes` counts too.
+RECORD_OVERHEAD_BYTES = 1024
+#: The headers a dead letter without its body keeps when even the original key and headers
+#: would not fit: why, and where the original is.
+_DEAD_LETTER_HEADERS = frozenset({ERROR_REASON, ERROR_MESSAGE, SOURCE_TOPIC, SOURCE_PARTITION, SOURCE_OFFSET})
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +156,34 @@ def decode(record: Record, max_input_bytes: int) -> _Valid:
     return _Valid(record, obj, inbound.text)
 
 
+def record_bytes(out: Outgoing) -> int:
+    """What a producer counts against `message.max.bytes`: key + value + header names and values."""
+    headers = sum(len(k) + len(v or b"") for k, v in out.headers)
+    return len(out.key or b"") + len(out.value or b"") + headers
+
+
+def fit_dead_letter(out: Outgoing, max_record_bytes: int, keep_body: bool = True) -> Outgoing:
+    """A dead letter as it is when it fits (and `keep_body`); else without its body (null value,
+    the original value's size and SHA-256 in headers); when even the original key and headers
+    are too large, with only the reason and source headers. Whatever its size, a poison message
+    is dead-lettered and never blocks its partition."""
+    if keep_body and record_bytes(out) <= max_record_bytes:
+        return out
+    value = out.source.value or b""
+    digest = [(VALUE_BYTES, str(len(value)).encode()), (VALUE_SHA256, hashlib.sha256(value).hexdigest().encode())]
+    slim = replace(out, value=None, headers=[*out.headers, *digest])
+    if record_bytes(slim) <= max_record_bytes:
+        return slim
+    ours = [(k, v) for k, v in out.headers[len(out.source.headers) :] if k in _DEAD_LETTER_HEADERS]
+    return replace(out, value=None, key=None, headers=[*ours, *digest])
+
+
+def max_record_bytes(settings: Settings) -> int:
+    """The largest record the worker's producer accepts, less the room the engine needs."""
+    limit = settings.librdkafka_producer().get("message.max.bytes", DEFAULT_MESSAGE_MAX_BYTES)
+    return int(limit) - RECORD_OVERHEAD_BYTES
+
+
 def dead_letter(record: Record, topic: str, reason: str, message: str) -> Outgoing:
     headers: Headers = [
         *record.headers,
@@ -209,6 +250,7 @@ class Pipeline:
         dlq_topic: str,
         max_input_bytes: int,
         max_output_bytes: int,
+        max_record_bytes: int = DEFAULT_MESSAGE_MAX_BYTES - RECORD_OVERHEAD_BYTES,
         dead_letter_truncated: bool = False,
         shadow: Shadow | None = None,
         tracing: Propagator | None = None,
@@ -218,6 +260,9 @@ class Pipeline:
         self.dlq_topic = dlq_topic
         self.max_input_bytes = max_input_bytes
         self.max_output_bytes = max_output_bytes
+        #: The hard limit on a whole record (the producer's, lowered by the engine to the
+        #: output topics' `max.message.bytes`); `max_output_bytes` is the policy for routed ones.
+        self.max_record_bytes = max_record_bytes
         #: `CW_LIMITS__OVER_MAX_CHUNKS=dead_letter`: a text over the chunk cap is refused, not routed on its head
         self.dead_letter_truncated = dead_letter_truncated
         self.shadow = shadow
@@ -234,12 +279,12 @@ class Pipeline:
                 valid.append((len(slots), decode(record, self.max_input_bytes)))
                 slots.append(None)
             except DecodeError as e:
-                slots.append(dead_letter(record, self.dlq_topic, e.reason, e.message))
+                slots.append(self._dead_letter(record, e.reason, e.message))
         results, inference_seconds = self._classify([item for _, item in valid])
         judged: list[tuple[_Valid, Verdict]] = []
         for (slot, item), result in zip(valid, results, strict=True):
             if isinstance(result, DecodeError):
-                slots[slot] = dead_letter(item.record, self.dlq_topic, result.reason, result.message)
+                slots[slot] = self._dead_letter(item.record, result.reason, result.message)
             else:
                 slots[slot] = self._routed(item, result)
                 judged.append((item, result))
@@ -307,6 +352,9 @@ class Pipeline:
         message = f"text is longer than {limit} (CW_LIMITS__MAX_CHUNKS)"
         return {i: DecodeError("too_long", message) for i in encoded.truncated}
 
+    def _dead_letter(self, record: Record, reason: str, message: str) -> Outgoing:
+        return fit_dead_letter(dead_letter(record, self.dlq_topic, reason, message), self.max_record_bytes)
+
     def _routed(self, item: _Valid, verdict: Verdict) -> Outgoing:
         prediction, category_score, decision = verdict.prediction, verdict.category_score, verdict.decision
         route: dict[str, Any] = {
@@ -325,17 +373,16 @@ class Pipeline:
         item.body["route"] = route
         value = exact_json.dumps(item.body)
         record = item.record
-        if len(value) > self.max_output_bytes:
-            return dead_letter(
-                record,
-                self.dlq_topic,
-                "too_large",
-                f"routed value would be {len(value)} bytes, over the {self.max_output_bytes}-byte output limit",
-            )
         values = (decision.category, prediction.label, f"{prediction.score:.6f}", self.model_id)
         headers: Headers = [*record.headers, *((k, v.encode()) for k, v in zip(ROUTE_HEADERS, values, strict=True))]
         kind: OutcomeKind = "fallback" if decision.fallback else "routed"
-        return Outgoing(decision.topic, value, record.key, headers, kind, record, decision.category)
+        out = Outgoing(decision.topic, value, record.key, headers, kind, record, decision.category)
+        limit = min(self.max_output_bytes, self.max_record_bytes)
+        if (size := record_bytes(out)) > limit:  # key and headers count too
+            return self._dead_letter(
+                record, "too_large", f"routed record would be {size} bytes, over the {limit}-byte output limit"
+            )
+        return out
 
 
 def build_pipeline(settings: Settings, *, shadow: bool = True, tracing: Propagator | None = None) -> Pipeline:
@@ -351,6 +398,7 @@ def build_pipeline(settings: Settings, *, shadow: bool = True, tracing: Propagat
         dlq_topic=settings.topics.dlq,
         max_input_bytes=settings.limits.max_input_bytes,
         max_output_bytes=settings.limits.max_output_bytes,
+        max_record_bytes=max_record_bytes(settings),
         dead_letter_truncated=settings.limits.over_max_chunks == "dead_letter",
         shadow=candidate,
         tracing=tracing,

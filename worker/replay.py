@@ -24,12 +24,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
-from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from worker.config import Settings
-from worker.errors import DeliveryError
+from worker.errors import DeliveryError, FatalDeliveryError, KafkaAccessError
+from worker.kafka_errors import ClientLog, Resources, Side, explain, kafka_error_of
 from worker.kafka_util import (
     CALL_TIMEOUT_S,
+    RECORD_REFUSALS,
     TP,
     Backoff,
     BoundedReader,
@@ -47,6 +49,7 @@ from worker.messages import (
     SOURCE_OFFSET,
     SOURCE_PARTITION,
     SOURCE_TOPIC,
+    VALUE_SHA256,
 )
 from worker.records import Headers
 
@@ -65,7 +68,9 @@ BACKOFF_MAX_S = 10.0
 #: Examples a dry run prints: enough to recognise the failure, few enough to read.
 DRY_RUN_EXAMPLES = 5
 
-Decision = Literal["replay", "poison", "filtered"]
+#: `unsendable`: the target refuses the record (e.g. larger than `message.max.bytes`), or the
+#: dead letter kept no body (it was too large to keep): skipped and counted, never retried.
+Decision = Literal["replay", "poison", "filtered", "unsendable"]
 
 
 @dataclass(frozen=True)
@@ -120,6 +125,8 @@ def decide(headers: Headers, selection: Selection) -> Decision:
         return "filtered"
     if replay_count(headers) >= selection.max_replays:
         return "poison"
+    if header(headers, VALUE_SHA256) is not None:  # dead-lettered without its body
+        return "unsendable"
     return "replay"
 
 
@@ -138,11 +145,15 @@ class Summary:
     replayed: Counter[str] = field(default_factory=Counter)
     poison: Counter[str] = field(default_factory=Counter)
     filtered: Counter[str] = field(default_factory=Counter)
+    unsendable: Counter[str] = field(default_factory=Counter)
+    #: The run was stopped (SIGTERM/SIGINT) before the end of its window: the CLI exits non-zero.
+    interrupted: bool = False
     examples: list[dict[str, Any]] = field(default_factory=list)
 
     def add(self, decisions: list[tuple[Decision, str]]) -> None:
         for decision, reason in decisions:
-            {"replay": self.replayed, "poison": self.poison, "filtered": self.filtered}[decision][reason] += 1
+            counts = {"replay": self.replayed, "poison": self.poison, "filtered": self.filtered}
+            counts.get(decision, self.unsendable)[reason] += 1
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -151,6 +162,8 @@ class Summary:
             "replayed": dict(sorted(self.replayed.items())),
             "skipped_max_replays": dict(sorted(self.poison.items())),
             "not_selected": dict(sorted(self.filtered.items())),
+            "skipped_unsendable": dict(sorted(self.unsendable.items())),
+            "interrupted": self.interrupted,
             "examples": self.examples,
         }
 
@@ -200,19 +213,30 @@ class Replayer:
         self.batch_size = max(1, min(batch_size, int(max_rate / 10))) if max_rate else batch_size
         self.max_rate = max_rate
         self._stop = False
-        client_logger = logging.getLogger("librdkafka")
+        self._resources = Resources(selection.source, self.group, self.group, (selection.target,))
+        #: librdkafka's log lines (they alone name a topic a transaction was refused) and the
+        #: first refusal its error callbacks reported: the run ends with that one line
+        self._client_log = ClientLog()
+        self._refusal: str | None = None
+        #: Which client the current step uses, for naming the ACL a refusal lacks.
+        self._side: Side = "consumer"
+        client_logger = self._client_log
         self.consumer = Consumer(
             {
                 **settings.librdkafka_consumer(),
                 "logger": client_logger,
+                "error_cb": lambda err: self._on_error(err, "consumer"),
                 # must win: the replay's own group, and end-of-partition events for BoundedReader
                 "group.id": self.group,
                 "enable.partition.eof": True,
             }
         )
+        #: How long a transactional call is retried or resumed before the run gives up.
+        self._window_s = settings.kafka.transaction_timeout_ms / 1000
         self._producer_conf: dict[str, Any] = {
             **settings.librdkafka_producer(),
             "logger": client_logger,
+            "error_cb": lambda err: self._on_error(err, "producer"),
             # must win: one stable id per group, so a restarted replay fences a killed one at once
             "transactional.id": self.group,
         }
@@ -231,21 +255,47 @@ class Replayer:
                 self._count(reader, summary)
             else:
                 self._replay(reader, producer, summary)
-        except KafkaException as e:
+        except (KafkaException, DeliveryError) as e:
+            self._explain(e)
+            if isinstance(e, DeliveryError):
+                raise
             raise DeliveryError(f"replay failed: {kafka_error(e).str()}") from e
         finally:
             self.consumer.close()
+        if self._refusal is not None:
+            raise KafkaAccessError(self._refusal)
         return summary
+
+    def _explain(self, e: KafkaException | DeliveryError) -> None:
+        """A Kafka error that waiting cannot fix (credentials, TLS, a missing ACL) becomes the one
+        line of `worker.kafka_errors`, as the worker's are; the CLI exits `EXIT_ACCESS`."""
+        err = kafka_error_of(e)
+        if err is None:
+            return
+        cause = explain(err, self._resources, self._side, self._client_log.denied_topics)
+        if cause is not None:
+            raise KafkaAccessError(cause) from e
+        if self._refusal is not None:
+            raise KafkaAccessError(self._refusal) from e
+
+    def _on_error(self, err: KafkaError, side: Side) -> None:
+        """librdkafka's error callback: a refused login or TLS handshake ends the run."""
+        cause = explain(err, self._resources, side, self._client_log.denied_topics)
+        if cause is not None and self._refusal is None:
+            self._refusal = cause
+            self._stop = True
 
     # -- setup -------------------------------------------------------------------------------
 
     def _producer(self) -> Producer:
+        self._side = "producer"
         producer = Producer(self._producer_conf)
         # before reading committed offsets: aborts a killed predecessor's open transaction
         retry_call(lambda: producer.init_transactions(CALL_TIMEOUT_S))
         return producer
 
     def _reader(self) -> BoundedReader:
+        self._side = "consumer"
         tps = topic_partitions(self.consumer, self.selection.source)
         starts, ends = self._window(tps)
         committed = self.consumer.committed([TopicPartition(*tp) for tp in tps], timeout=CALL_TIMEOUT_S)
@@ -280,20 +330,24 @@ class Replayer:
                 summary.add([(decision, reason_of(headers))])
                 if decision == "replay" and len(summary.examples) < DRY_RUN_EXAMPLES:
                     summary.examples.append(example(m, headers))
+        summary.interrupted = not reader.done()
 
     def _replay(self, reader: BoundedReader, producer: Producer, summary: Summary) -> None:
         committed = dict(reader.position)
         started = time.monotonic()
         backoff = Backoff(max_s=BACKOFF_MAX_S)
         while not reader.done() and not self._stop:
+            self._side = "consumer"
             batch = reader.take(self.batch_size, POLL_S)
             if not batch:
                 continue
             decisions = [self._decision(m) for m in batch]
             offsets = next_offsets(batch)
+            self._side = "producer"
             try:
                 self._transact(producer, batch, decisions, offsets)
-            except KafkaException as e:
+            except KafkaException as e:  # only an error that requires an abort gets here
+                self._explain(e)  # a missing ACL: retrying cannot help
                 log.warning("replay transaction aborted; retrying", extra={"error": kafka_error(e).str()})
                 self._abort(producer)
                 reader.rewind({tp: committed[tp] for tp in offsets})
@@ -304,6 +358,7 @@ class Replayer:
             summary.add([(d, r) for d, r, _ in decisions])
             log.debug("replay batch committed", extra={"messages": len(batch), "offsets": _show(offsets)})
             self._pace(started, sum(summary.replayed.values()))
+        summary.interrupted = not reader.done()
 
     def _decision(self, m: Message) -> tuple[Decision, str, Headers]:
         headers = cast(Headers, m.headers() or [])
@@ -316,30 +371,45 @@ class Replayer:
         decisions: list[tuple[Decision, str, Headers]],
         offsets: dict[TP, int],
     ) -> None:
-        producer.begin_transaction()
-        for m, (decision, _, headers) in zip(batch, decisions, strict=True):
-            if decision == "replay":
-                self._produce(producer, m, replayed_headers(headers))
+        """One transaction; raises `KafkaException` only for an error that requires an abort. A
+        commit that timed out is resumed (`retry_call`), and whatever cannot complete is
+        `FatalDeliveryError`: the run ends non-zero and a rerun fences what was left open."""
+        try:
+            producer.begin_transaction()
+        except KafkaException as e:  # local: only a producer in an error state refuses it
+            raise FatalDeliveryError(f"begin_transaction failed: {kafka_error(e).str()}") from e
+        for i, (m, (decision, reason, headers)) in enumerate(zip(batch, decisions, strict=True)):
+            if decision == "replay" and not self._produce(producer, m, replayed_headers(headers)):
+                decisions[i] = ("unsendable", reason, headers)
         tps = [TopicPartition(t, p, o) for (t, p), o in sorted(offsets.items())]
         group = self.consumer.consumer_group_metadata()
-        retry_call(lambda: producer.send_offsets_to_transaction(tps, group, CALL_TIMEOUT_S))
-        retry_call(lambda: producer.commit_transaction(CALL_TIMEOUT_S))
+        retry_call(lambda: producer.send_offsets_to_transaction(tps, group, CALL_TIMEOUT_S), self._window_s)
+        retry_call(lambda: producer.commit_transaction(CALL_TIMEOUT_S), self._window_s)
 
-    def _produce(self, producer: Producer, m: Message, headers: Headers) -> None:
+    def _produce(self, producer: Producer, m: Message, headers: Headers) -> bool:
+        """False when the producer refuses this record by itself (too large): retrying the
+        transaction could never get it through, so it is skipped and counted."""
         while True:
             try:
                 producer.produce(self.selection.target, value=m.value(), key=m.key(), headers=cast(Any, headers))
-                return
-            except BufferError:  # local queue full: serve delivery reports, then try again
+                return True
+            except BufferError as e:  # local queue full: serve delivery reports, then try again
+                if self._stop:  # a broker that is away keeps it full: abort, the run ends
+                    raise KafkaException(KafkaError(KafkaError._STATE, "stopped with the producer queue full")) from e
                 producer.poll(0.05)
+            except KafkaException as e:
+                err = kafka_error(e)
+                if err.code() not in RECORD_REFUSALS:
+                    raise FatalDeliveryError(f"produce failed: {err.str()}") from e
+                log.warning("dead letter not replayable", extra={"offset": m.offset(), "error": err.str()})
+                return False
 
     def _abort(self, producer: Producer) -> None:
+        """Resumed while it times out; an abort that cannot complete ends the run non-zero."""
         try:
-            producer.abort_transaction(CALL_TIMEOUT_S)
+            retry_call(lambda: producer.abort_transaction(CALL_TIMEOUT_S), self._window_s)
         except KafkaException as e:
-            if kafka_error(e).fatal():
-                raise
-            log.warning("abort failed", extra={"error": kafka_error(e).str()})
+            raise FatalDeliveryError(f"abort_transaction failed: {kafka_error(e).str()}") from e
 
     def _pace(self, started: float, replayed: int) -> None:
         if self.max_rate:

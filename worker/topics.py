@@ -7,11 +7,12 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
-from confluent_kafka import KafkaError, KafkaException
-from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+from confluent_kafka import KafkaError, KafkaException, TopicCollection
+from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, ResourceType  # type: ignore[attr-defined]
 
 from worker.config import Settings
 from worker.errors import DeliveryError
+from worker.kafka_util import kafka_error
 from worker.routing import Router
 
 log = logging.getLogger(__name__)
@@ -25,9 +26,28 @@ def required_topics(settings: Settings, router: Router) -> list[str]:
     return sorted({settings.topics.input, settings.topics.dlq, *router.topics(), *shadow})
 
 
+#: A topic the cluster does not know, or will not describe to us (no DESCRIBE ACL: creating it
+#: is then refused with a line that names the ACL).
+_ABSENT = frozenset({KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError.TOPIC_AUTHORIZATION_FAILED})
+
+
 def missing_topics(admin: AdminClient, names: Iterable[str]) -> list[str]:
-    existing = set(admin.list_topics(timeout=ADMIN_TIMEOUT_S).topics)
-    return sorted(set(names) - existing)
+    """Our topics the cluster lacks, asking about these topics only: the check runs every
+    `TOPIC_CHECK_INTERVAL_S` on every replica, and cluster-wide metadata (`list_topics()`) on a
+    cluster with thousands of topics is megabytes per request."""
+    wanted = sorted(set(names))
+    if not wanted:
+        return []
+    futures = admin.describe_topics(TopicCollection(wanted), request_timeout=ADMIN_TIMEOUT_S)
+    missing = []
+    for name, future in futures.items():
+        try:
+            future.result()
+        except KafkaException as e:
+            if kafka_error(e).code() not in _ABSENT:
+                raise
+            missing.append(name)
+    return sorted(missing)
 
 
 def ensure_topics(admin: AdminClient, names: Iterable[str], partitions: int, replication: int) -> list[str]:
@@ -50,6 +70,22 @@ def ensure_topics(admin: AdminClient, names: Iterable[str], partitions: int, rep
     if created:
         log.info("topics created", extra={"topics": created, "partitions": partitions})
     return sorted(created)
+
+
+def smallest_message_limit(admin: AdminClient, names: Iterable[str]) -> int | None:
+    """The smallest `max.message.bytes` among these topics; None when none could be read (the
+    producer's own limit then stands, and a refusal is dead-lettered after one rewind)."""
+    resources = [ConfigResource(ResourceType.TOPIC, n) for n in sorted(set(names))]
+    limits = []
+    for future in admin.describe_configs(resources, request_timeout=ADMIN_TIMEOUT_S).values():
+        try:
+            entry = future.result().get("max.message.bytes")
+        except KafkaException as e:
+            log.debug("topic config not available", extra={"error": str(e)})
+            continue
+        if entry is not None and entry.value:
+            limits.append(int(entry.value))
+    return min(limits) if limits else None
 
 
 def admin_client(settings: Settings) -> AdminClient:

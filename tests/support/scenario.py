@@ -46,6 +46,12 @@ class Expected:
     reason: str | None
 
 
+def sized_inbound(size: int, text: str = "book a flight") -> bytes:
+    """A valid inbound JSON value of exactly `size` bytes (the text padded with spaces)."""
+    head = b'{"text": "' + text.encode()
+    return head + b" " * (size - len(head) - 2) + b'"}'
+
+
 def build(
     n: int, malformed_every: int = 20
 ) -> tuple[list[tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]], dict[str, Expected]]:

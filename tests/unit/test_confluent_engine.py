@@ -11,12 +11,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka import KafkaError, KafkaException, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
+from prometheus_client import CollectorRegistry
 
+from tests.support.txn_fake import TxnProducer
 from worker.config import Settings, load_settings
-from worker.engines.confluent import AtLeastOnce, Batch, ConfluentEngine, Transactional, _UnitIds
-from worker.errors import DeliveryError
-from worker.observability import Health, Hooks
+from worker.engines.confluent import (
+    AtLeastOnce,
+    Batch,
+    ConfluentEngine,
+    Housekeeping,
+    Sender,
+    Transactional,
+    _UnitIds,
+)
+from worker.errors import DeliveryError, FatalDeliveryError
+from worker.observability import Health, Hooks, PrometheusHooks
 from worker.pipeline import Outcome, build_pipeline
 from worker.records import Outgoing, Record
 
@@ -89,6 +99,8 @@ class FakeConsumer:
     def __init__(self) -> None:
         self.seeks: list[tuple[str, int, int]] = []
         self.commits: list[list[tuple[str, int, int]]] = []
+        self.paused: list[list[tuple[str, int]]] = []
+        self.resumed: list[list[tuple[str, int]]] = []
 
     def consumer_group_metadata(self) -> object:
         return object()
@@ -103,6 +115,15 @@ class FakeConsumer:
         self.commits.append([(tp.topic, tp.partition, tp.offset) for tp in offsets])
 
     def close(self) -> None: ...
+
+    def assignment(self) -> list[TopicPartition]:
+        return [TopicPartition(TOPIC, 0), TopicPartition(TOPIC, 1)]
+
+    def pause(self, tps: list[TopicPartition]) -> None:
+        self.paused.append([(tp.topic, tp.partition) for tp in tps])
+
+    def resume(self, tps: list[TopicPartition]) -> None:
+        self.resumed.append([(tp.topic, tp.partition) for tp in tps])
 
 
 def test_one_transaction_spans_the_micro_batches_of_an_interval(tiny_bundle: Path) -> None:
@@ -254,3 +275,378 @@ def test_health_stays_alive_while_waiting_for_a_broker_that_is_down(
     # Then every probe during 3.5 s of waiting found the worker alive
     assert len(attempts) == 4 and attempts[-1] - attempts[0] > 10 * Health.STALE_AFTER_S
     assert len(probes) > 20 and all(probes), f"{probes.count(False)} of {len(probes)} probes saw a stalled loop"
+
+
+# -- issue 25, defect 1: a commit that timed out is resumed, never aborted ----------------------
+
+
+def _txn_settings(tiny_bundle: Path) -> Settings:
+    """A 1 s transaction timeout: the window in which a timed-out commit is resumed."""
+    return load_settings(
+        kafka={"bootstrap_servers": "127.0.0.1:1", "instance_id": "unit", "transaction_timeout_ms": 1000},
+        model={"path": tiny_bundle},
+        metrics={"enabled": False},
+    )
+
+
+def test_a_commit_that_timed_out_is_resumed_not_aborted(tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given calls that time out after 0.2 s, and a broker that stops answering for two commit attempts
+    monkeypatch.setattr("worker.engines.confluent.CALL_TIMEOUT_S", 0.2)
+    producer = TxnProducer(frozen_commits=2)
+    ticks: list[float] = []
+    tx = Transactional(producer, FakeConsumer(), _txn_settings(tiny_bundle), _UnitIds("u"), lambda: ticks.append(1))  # type: ignore[arg-type]
+    tx.add(_batch(0, 5, 6))
+    # When the unit is committed
+    done = tx.commit(final=False)
+    # Then the commit was called again until it completed: no abort (librdkafka would refuse it)
+    assert done is not None and len(done.batches) == 1
+    assert producer.calls == ["begin", "produce", "produce", "commit", "commit", "commit"], producer.calls
+    assert len(producer.committed) == 2 and producer.committed_offsets == [(TOPIC, 0, 7)]
+    assert len(ticks) >= 3, "liveness stamped before each attempt"
+    # And the next transaction starts normally
+    tx.add(_batch(0, 7))
+    assert producer.calls[-2:] == ["begin", "produce"]
+
+
+def test_a_commit_that_cannot_complete_within_the_transaction_timeout_is_fatal(
+    tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a broker frozen for longer than the transaction timeout (1 s)
+    monkeypatch.setattr("worker.engines.confluent.CALL_TIMEOUT_S", 0.2)
+    producer = TxnProducer(frozen_commits=1000)
+    tx = Transactional(producer, FakeConsumer(), _txn_settings(tiny_bundle), _UnitIds("u"))  # type: ignore[arg-type]
+    tx.add(_batch(0, 1))
+    started = time.monotonic()
+    # Then the commit ends in FatalDeliveryError (exit non-zero), not in an abort-retry loop
+    with pytest.raises(FatalDeliveryError, match="not completed within"):
+        tx.commit(final=False)
+    assert 1.0 <= time.monotonic() - started < 3.0
+    assert "abort" not in producer.calls
+
+
+def test_an_abortable_commit_error_aborts_and_an_unfinishable_abort_is_fatal(
+    tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("worker.engines.confluent.CALL_TIMEOUT_S", 0.2)
+    # Given a commit that fails with an error that requires an abort
+    producer = TxnProducer()
+    producer.refuse_topics["out"] = KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED, "denied")
+    tx = Transactional(producer, FakeConsumer(), _txn_settings(tiny_bundle), _UnitIds("u"))  # type: ignore[arg-type]
+    tx.add(_batch(0, 1))
+    with pytest.raises(DeliveryError) as failed:
+        tx.commit(final=False)
+    assert not isinstance(failed.value, FatalDeliveryError)
+    # When the abort itself times out and the broker stays away past the window
+    producer.frozen_aborts = 1000
+    # Then the abort is resumed (never left pending, to fail every later call) and finally fatal
+    with pytest.raises(FatalDeliveryError, match="not completed within"):
+        tx.abort()
+    assert set(producer.calls[producer.calls.index("abort") :]) == {"abort"}
+
+
+def test_engine_exits_non_zero_when_a_commit_cannot_complete(
+    engine: ConfluentEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given the engine holding a unit whose commit keeps timing out past the transaction timeout
+    monkeypatch.setattr("worker.engines.confluent.CALL_TIMEOUT_S", 0.2)
+    producer, consumer = TxnProducer(frozen_commits=1000), FakeConsumer()
+    engine.consumer, engine.producer = consumer, producer  # type: ignore[assignment]
+    engine.delivery = Transactional(producer, consumer, _txn_settings(engine.settings.model.path), _UnitIds("u"))  # type: ignore[arg-type]
+    engine._assigned = {(TOPIC, 0)}
+    engine.delivery.add(_batch(0, 3, 4))
+    # When the engine commits, fails, and handles the failure
+    with pytest.raises(DeliveryError) as failed:
+        engine._commit_if(True)
+    engine._fail(failed.value)
+    # Then it stops with a fatal error (run raises it: exit 1) instead of aborting and rewinding
+    assert engine._should_stop() and engine._fatal is not None
+    assert "abort" not in producer.calls and consumer.seeks == []
+
+
+# -- issue 25, defect 2: a record Kafka refuses is dead-lettered, never retried forever ---------
+
+
+def _big_batch(partition: int, offset: int, value_bytes: int) -> Batch:
+    record = Record(b"v" * value_bytes, b"key", [("trace", b"t")], TOPIC, partition, offset)
+    small = Record(b"{}", b"k2", [], TOPIC, partition, offset + 1)
+    outgoing = [Outgoing("out", r.value, r.key, list(r.headers), "routed", r, "banking") for r in (record, small)]
+    return Batch([record, small], Outcome(outgoing, 0.0))
+
+
+def test_a_record_the_producer_refuses_is_dead_lettered_without_its_body_in_the_same_transaction(
+    tiny_bundle: Path,
+) -> None:
+    # Given a producer whose message.max.bytes is 1,000 and a routed output of 2,000 bytes
+    producer = TxnProducer(max_bytes=1000)
+    tx = Transactional(producer, FakeConsumer(), _txn_settings(tiny_bundle), _UnitIds("u"))  # type: ignore[arg-type]
+    batch = _big_batch(0, 10, 2000)
+    # When the batch is added and committed
+    tx.add(batch)
+    done = tx.commit(final=False)
+    # Then the refused output became a body-less dead letter; nothing was aborted
+    assert done is not None and "abort" not in producer.calls
+    (dl_topic, dl_key, dl_value, dl_headers), (routed_topic, *_) = producer.committed
+    headers = dict(dl_headers)
+    assert (dl_topic, dl_key, dl_value, routed_topic) == ("classify.dlq", b"key", None, "out")
+    assert headers["error.reason"] == b"too_large" and headers["error.value_bytes"] == b"2000"
+    assert [o.kind for o in batch.outcome.outgoing] == ["dead_letter", "routed"], "metrics count what was written"
+
+
+def test_a_record_the_broker_refuses_is_dead_lettered_after_one_rewind(engine: ConfluentEngine) -> None:
+    # Given an output topic whose broker refuses the record (its max.message.bytes is smaller)
+    producer, consumer = TxnProducer(), FakeConsumer()
+    producer.refuse_topics["out"] = KafkaError(KafkaError.MSG_SIZE_TOO_LARGE, "Broker: Message size too large")
+    engine.consumer, engine.producer = consumer, producer  # type: ignore[assignment]
+    sender = Sender(producer, "dlq", lambda: 10_000)  # type: ignore[arg-type]
+    engine.delivery = Transactional(producer, consumer, engine.settings, _UnitIds("u"), sender=sender)  # type: ignore[arg-type]
+    engine._assigned = {(TOPIC, 0)}
+    engine.delivery.add(_batch(0, 4))
+    # When the commit fails (the delivery report names the refusal) and the batch is processed again
+    with pytest.raises(DeliveryError) as failed:
+        engine._commit_if(True)
+    engine._fail(failed.value)
+    assert consumer.seeks == [(TOPIC, 0, 4)]
+    engine.delivery.add(_batch(0, 4))
+    engine._commit_if(True)
+    # Then the second attempt dead-letters it and commits: one rewind, not a loop
+    assert [(t, v) for t, _k, v, _h in producer.committed] == [("dlq", None)]
+    assert producer.committed_offsets == [(TOPIC, 0, 5)] and engine.processed == 1
+
+
+def test_at_least_once_dead_letters_a_record_the_broker_refused(tiny_bundle: Path) -> None:
+    producer, consumer = FakeProducer(), FakeConsumer()
+    alo = AtLeastOnce(producer, consumer, _settings(tiny_bundle), _UnitIds("u"))  # type: ignore[arg-type]
+    alo.add(_batch(0, 0, 1))
+    producer.ack(2, KafkaError(KafkaError.MSG_SIZE_TOO_LARGE, "Broker: Message size too large"))
+    with pytest.raises(DeliveryError):
+        alo.commit(final=False)
+    alo.abort()
+    # When the rewound batch comes back, its outputs go to the dead-letter topic instead
+    batch = _batch(0, 0, 1)
+    alo.add(batch)
+    assert [o.topic for o in batch.outcome.outgoing] == ["classify.dlq", "classify.dlq"]
+    producer.ack(2)
+    done = alo.commit(final=False)
+    assert done is not None and consumer.commits == [[(TOPIC, 0, 2)]]
+
+
+def test_a_failed_seek_after_an_abort_is_fatal(engine: ConfluentEngine) -> None:
+    # Given a consumer that cannot seek (the rewound records would otherwise be skipped: lost)
+    _producer, consumer = _failing_transaction(engine)
+
+    def no_seek(tp: TopicPartition) -> None:
+        raise KafkaException(KafkaError(KafkaError._STATE, "Erroneous state"))
+
+    consumer.seek = no_seek  # type: ignore[method-assign]
+    engine.delivery.add(_batch(0, 40, 41))
+    with pytest.raises(DeliveryError) as failed:
+        engine._commit_if(True)
+    # When the engine aborts and rewinds
+    engine._fail(failed.value)
+    # Then it stops with a fatal error (run raises it: exit 1), instead of reading on
+    assert engine._should_stop() and engine._fatal is not None and "seek failed" in engine._fatal.str()
+
+
+# -- issue 25, defect 4: memory bounded by bytes ------------------------------------------------
+
+
+def _bytes_settings(tiny_bundle: Path) -> Settings:
+    return load_settings(
+        kafka={"bootstrap_servers": "127.0.0.1:1", "instance_id": "unit"},
+        model={"path": tiny_bundle},
+        commit={"interval_ms": 60_000, "max_items": 1000},
+        limits={"max_held_bytes": 10_000},
+        metrics={"enabled": False},
+    )
+
+
+def _sized_batch(partition: int, offset: int, value_bytes: int) -> Batch:
+    r = Record(b"v" * value_bytes, None, [], TOPIC, partition, offset)
+    return Batch([r], Outcome([Outgoing("out", b"{}", None, [], "routed", r, "banking")], 0.0))
+
+
+def test_an_exactly_once_unit_commits_early_at_the_byte_cap(tiny_bundle: Path) -> None:
+    tx = Transactional(TxnProducer(), FakeConsumer(), _bytes_settings(tiny_bundle), _UnitIds("u"))  # type: ignore[arg-type]
+    tx.add(_sized_batch(0, 0, 6_000))
+    assert not tx.due(time.monotonic()), "under the cap, the interval (60 s) decides"
+    tx.add(_sized_batch(0, 1, 6_000))
+    assert tx.due(time.monotonic()), "12,000 held bytes: over the 10,000-byte cap"
+    assert tx.commit(final=False) is not None and not tx.due(time.monotonic())
+
+
+def test_at_least_once_pauses_consuming_while_unacknowledged_bytes_exceed_the_cap(engine: ConfluentEngine) -> None:
+    # Given at-least-once with a 10,000-byte cap and 12,000 bytes whose outputs are not acknowledged
+    producer, consumer = FakeProducer(), FakeConsumer()
+    engine.consumer, engine.producer = consumer, producer  # type: ignore[assignment]
+    settings = _bytes_settings(engine.settings.model.path)  # type: ignore[arg-type]
+    engine.delivery = AtLeastOnce(producer, consumer, settings, _UnitIds("u"))  # type: ignore[arg-type]
+    engine.delivery.add(_sized_batch(0, 0, 6_000))
+    engine._throttle()
+    assert consumer.paused == [], "under the cap: consuming goes on"
+    engine.delivery.add(_sized_batch(0, 1, 6_000))
+    # When the loop turns, then the assigned partitions are paused
+    engine._throttle()
+    assert consumer.paused == [[(TOPIC, 0), (TOPIC, 1)]]
+    # And once the outputs are acknowledged and committed, consuming resumes
+    producer.ack(2)
+    engine.delivery.commit(final=False)
+    engine._throttle()
+    assert consumer.resumed == [[(TOPIC, 0), (TOPIC, 1)]]
+
+
+def test_a_full_producer_queue_stamps_liveness_and_gives_up_when_stopping() -> None:
+    # Given a producer whose local queue stays full (a broker that does not acknowledge)
+    class FullQueue(FakeProducer):
+        def produce(self, topic: str, **kw: Any) -> None:
+            raise BufferError("Local: Queue full")
+
+    ticks: list[int] = []
+    sender = Sender(FullQueue(), "dlq", lambda: 10_000, lambda: ticks.append(1), lambda: len(ticks) >= 5)  # type: ignore[arg-type]
+    # When a batch is sent, then liveness is stamped while waiting, and a stop request ends the wait
+    with pytest.raises(DeliveryError, match="queue was full"):
+        sender.send(_batch(0, 1), "u:1", lambda _out: None)
+    assert len(ticks) == 5
+
+
+# -- issue 25, defect 8: metrics ------------------------------------------------------------------
+
+
+def _sample(hooks: PrometheusHooks, name: str, labels: dict[str, str] | None = None) -> float | None:
+    return hooks.registry.get_sample_value(name, labels or {})  # type: ignore[attr-defined]
+
+
+def _prometheus(engine: ConfluentEngine) -> PrometheusHooks:
+    registry = CollectorRegistry()
+    hooks = PrometheusHooks(registry)
+    hooks.registry = registry  # type: ignore[attr-defined]
+    engine.hooks = hooks
+    return hooks
+
+
+def test_lost_partitions_are_not_counted_as_delivery_failures(engine: ConfluentEngine) -> None:
+    hooks = _prometheus(engine)
+    _producer, consumer = _failing_transaction(engine)
+    engine.delivery.add(_batch(0, 5, 6))
+    engine._on_lost(consumer, [TopicPartition(TOPIC, 0)])  # type: ignore[arg-type]
+    assert not engine.delivery.held(), "the unit was abandoned"
+    assert not _sample(hooks, "classify_batch_failures_total", {"stage": "delivery"})  # None, or 0 once pre-labelled
+
+
+def test_a_commit_is_timed(engine: ConfluentEngine) -> None:
+    hooks = _prometheus(engine)
+    producer, consumer = FakeProducer(), FakeConsumer()
+    engine.consumer, engine.producer = consumer, producer  # type: ignore[assignment]
+    engine.delivery = Transactional(producer, consumer, engine.settings, _UnitIds("u"))  # type: ignore[arg-type]
+    engine.delivery.add(_batch(0, 1))
+    assert engine._commit_if(True)
+    assert _sample(hooks, "classify_commit_seconds_count") == 1.0
+
+
+class _Done:
+    def __init__(self, value: object) -> None:
+        self.value = value
+
+    def result(self, *_a: object) -> object:
+        return self.value
+
+
+class FakeAdmin:
+    """Partition 0 has a committed offset (40); partition 1 none yet, and its log starts at 100
+    (retention deleted the first 100 records)."""
+
+    def list_consumer_group_offsets(self, groups: list[Any], **_kw: object) -> dict[str, _Done]:
+        tps = [TopicPartition(TOPIC, 0, 40), TopicPartition(TOPIC, 1, -1001)]
+        return {groups[0].group_id: _Done(type("R", (), {"topic_partitions": tps})())}
+
+    def list_offsets(self, specs: dict[TopicPartition, Any], **_kw: object) -> dict[TopicPartition, _Done]:
+        earliest = "earliest" in repr(next(iter(specs.values()))).lower()
+        at = {0: 0, 1: 100} if earliest else {0: 50, 1: 130}
+        return {tp: _Done(type("O", (), {"offset": at[tp.partition]})()) for tp in specs}
+
+
+def test_lag_counts_from_the_log_start_where_nothing_is_committed(tiny_bundle: Path) -> None:
+    registry = CollectorRegistry()
+    hooks = PrometheusHooks(registry)
+    settings = _settings(tiny_bundle)
+    hooks.on_assign([(TOPIC, 0), (TOPIC, 1)])
+    house = Housekeeping(settings, build_pipeline(settings).router, hooks, lambda: {(TOPIC, 0), (TOPIC, 1)})
+    house.admin = FakeAdmin()  # type: ignore[assignment]
+    house.report_lag()
+    lag = {p: registry.get_sample_value("classify_consumer_lag", {"topic": TOPIC, "partition": p}) for p in "01"}
+    assert lag == {"0": 10.0, "1": 30.0}, "partition 1: 130 - 100 (log start), not 130 - 0"
+
+
+def test_a_lag_report_after_a_revoke_does_not_bring_the_gauge_back() -> None:
+    registry = CollectorRegistry()
+    hooks = PrometheusHooks(registry)
+    hooks.on_assign([(TOPIC, 0)])
+    hooks.on_lag(TOPIC, 0, 5)
+    hooks.on_revoke([(TOPIC, 0)])
+    hooks.on_lag(TOPIC, 0, 5)  # computed by housekeeping before the revoke, reported after
+    assert registry.get_sample_value("classify_consumer_lag", {"topic": TOPIC, "partition": "0"}) is None
+
+
+def test_unit_ids_differ_between_processes_with_the_same_pid() -> None:
+    # Given two processes of one replica that both run as PID 1 (a container restarted in place),
+    # modelled as two id sources in this one process (same PID)
+    first, second = _UnitIds("w1"), _UnitIds("w1")
+    # Then their unit ids never repeat: the `route.batch` header names one attempt
+    assert first.next() != second.next()
+
+
+# -- issue 25: never stuck while looking healthy ------------------------------------------------
+
+
+class LoopConsumer(FakeConsumer):
+    """Partition 0 holds offsets 0..4; `seek` rewinds the read position, as librdkafka's does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.position = 0
+
+    def poll(self, timeout: float) -> Message | None:
+        if self.position >= 5:
+            time.sleep(min(timeout, 0.01))
+            return None
+        self.position += 1
+        return Message(topic=TOPIC, partition=0, offset=self.position - 1, value=b'{"text": "rain"}')
+
+    def consume(self, num_messages: int, timeout: float) -> list[Message]:
+        out = []
+        while len(out) < num_messages and (m := self.poll(0)) is not None:
+            out.append(m)
+        return out
+
+    def seek(self, tp: TopicPartition) -> None:
+        super().seek(tp)
+        self.position = tp.offset
+
+
+def test_a_worker_retrying_a_batch_that_never_commits_stops_looking_healthy(
+    engine: ConfluentEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given commits that always fail (abort, rewind, back off, again) and a 1.5 s stuck threshold
+    monkeypatch.setattr("worker.engines.confluent.PROGRESS_STUCK_S", 1.5)
+    health = Health()
+    engine.hooks = health
+    producer, consumer = TxnProducer(), LoopConsumer()
+    producer.abortable_commits = 1_000
+    engine.consumer, engine.producer = consumer, producer  # type: ignore[assignment]
+    engine.delivery = Transactional(producer, consumer, engine.settings, _UnitIds("u"), engine._alive)  # type: ignore[arg-type]
+    engine._assigned = {(TOPIC, 0)}
+    engine._assigned_at = time.monotonic()
+    engine.delivery._interval_s = 0.001  # type: ignore[attr-defined]
+    # When the loop runs for 4 s while a probe asks /healthz's question
+    seen: list[tuple[float, bool]] = []
+    runner = threading.Thread(target=engine._loop, args=(None, None))
+    started = time.monotonic()
+    runner.start()
+    while time.monotonic() - started < 4.0:
+        seen.append((time.monotonic() - started, health.alive()))
+        time.sleep(0.05)
+    engine.request_stop()
+    runner.join(10)
+    # Then it looked healthy at first, and unhealthy once 1.5 s had passed without a commit
+    assert len(consumer.seeks) >= 2, "the batch was retried"
+    assert all(ok for t, ok in seen if t < 1.0)
+    assert not any(ok for t, ok in seen if t > 2.0), [t for t, ok in seen if ok and t > 2.0][:5]

@@ -20,8 +20,9 @@ Lag and topic checks run on their own thread with their own admin client (`House
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
-import os
+import secrets
 import threading
 import time
 from collections import deque
@@ -46,13 +47,27 @@ from confluent_kafka.admin import AdminClient, OffsetSpec  # type: ignore[attr-d
 from worker.config import Settings
 from worker.errors import DeliveryError, FatalDeliveryError, InferenceError, WedgedClientError
 from worker.kafka_errors import ClientLog, KafkaAccessError, Resources, Side, check_access, explain, kafka_error_of
-from worker.kafka_util import CALL_TIMEOUT_S, Backoff, kafka_error, retry_call
+from worker.kafka_util import CALL_TIMEOUT_S, RECORD_REFUSALS, Backoff, kafka_error, retry_call
 from worker.messages import BATCH_HEADER
 from worker.observability import Hooks
-from worker.pipeline import Outcome, Pipeline
+from worker.pipeline import (
+    RECORD_OVERHEAD_BYTES,
+    Outcome,
+    Pipeline,
+    dead_letter,
+    fit_dead_letter,
+    max_record_bytes,
+)
 from worker.records import Headers, Outgoing, Record
 from worker.routing import Router
-from worker.topics import ADMIN_TIMEOUT_S, admin_client, ensure_topics, missing_topics, required_topics
+from worker.topics import (
+    ADMIN_TIMEOUT_S,
+    admin_client,
+    ensure_topics,
+    missing_topics,
+    required_topics,
+    smallest_message_limit,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -67,6 +82,11 @@ IDLE_POLL_S = 0.1
 #: A classifier call running longer than this is stuck: the loop stops stamping liveness, so
 #: `/healthz` fails and the orchestrator restarts the pod (a batch takes well under a second).
 CLASSIFIER_STUCK_S = 30.0
+#: Work in hand (held for a commit, at the classifier, or rewound after a failure) and no commit
+#: for this long: the worker is stuck, however busy its retries look. `/healthz` fails at once
+#: (`Hooks.on_stalled`) and the orchestrator restarts it. Above what a broker freeze inside the
+#: transaction timeout costs a resumed commit (a 30 s call timeout, then the resumed call).
+PROGRESS_STUCK_S = 60.0
 #: Stop waits this long for the housekeeping thread: a shutdown must fit the pod's grace period.
 HOUSEKEEPING_JOIN_S = 1.0
 
@@ -115,6 +135,11 @@ class Batch:
     #: The commit unit its outputs carry in the `route.batch` header.
     unit: str = ""
 
+    @property
+    def inbound_bytes(self) -> int:
+        """What holding the batch costs, roughly: its inbound values (outputs are about as large)."""
+        return sum(len(r.value or b"") for r in self.records)
+
 
 @dataclass(slots=True)
 class Committed:
@@ -138,6 +163,10 @@ class Delivery(Protocol):
     def due(self, now: float) -> bool:
         """The interval (or the unit's size cap) says: commit now."""
 
+    def backlogged(self) -> bool:
+        """Held batches exceed `limits.max_held_bytes` and only waiting brings them under it:
+        take no more messages for now."""
+
     def commit(self, final: bool) -> Committed | None:
         """Make what can be made durable durable; `final`: wait for every acknowledgement first."""
 
@@ -145,19 +174,102 @@ class Delivery(Protocol):
         """Drop the open unit; the engine rewinds to the first offsets of what it returns."""
 
 
-def _produce(
-    producer: Producer,
-    out: Outgoing,
-    unit: bytes,
-    on_delivery: Callable[[KafkaError | None, Message], None] | None,
-) -> None:
-    headers = cast(Any, [*out.headers, (BATCH_HEADER, unit)])
-    while True:
-        try:
-            producer.produce(out.topic, value=out.value, key=out.key, headers=headers, on_delivery=on_delivery)
-            return
-        except BufferError:  # local queue full: serve delivery reports, then try again
-            producer.poll(0.05)
+DeliveryCallback = Callable[[KafkaError | None, Message], None]
+
+
+def _source_of(out: Outgoing) -> tuple[str, int, int, str]:
+    return (out.source.topic, out.source.partition, out.source.offset, out.topic)
+
+
+class Sender:
+    """Produces a batch's outputs, each with the `route.batch` header of its commit unit.
+
+    An output the producer or the broker refuses for what it is (too large for
+    `message.max.bytes` or the topic's `max.message.bytes`, an invalid record: `RECORD_REFUSALS`)
+    is dead-lettered without its body: at once when `produce` refuses it, and after the abort
+    and rewind when a delivery report does (`note` keeps the refusal, keyed by the output's
+    source offset and topic, until the batch comes back). A poison message costs at most one
+    rewind, never a loop. While the local queue is full it serves delivery reports, stamps
+    liveness (the queue drains as the broker acknowledges) and gives up once the engine stops."""
+
+    #: Refusals noted and not met again (their partition moved away) are capped: bounded memory.
+    MAX_NOTED = 10_000
+
+    def __init__(
+        self,
+        producer: Producer,
+        dlq_topic: str,
+        max_record_bytes: Callable[[], int],
+        tick: Callable[[], None] = lambda: None,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> None:
+        self._producer = producer
+        self._dlq = dlq_topic
+        self._max_record_bytes = max_record_bytes
+        self._tick = tick
+        self._should_stop = should_stop
+        self._noted: dict[tuple[str, int, int, str], str] = {}
+
+    def send(self, batch: Batch, unit: str, on_delivery: Callable[[Outgoing], DeliveryCallback | None]) -> int:
+        """Produce the batch's outputs, replacing refused ones in `batch.outcome.outgoing` (so the
+        metrics count what was written); return how many records were produced."""
+        header = (BATCH_HEADER, unit.encode())
+        sent: list[Outgoing] = []
+        for noted in batch.outcome.outgoing:
+            out = self._after_refusal(noted)
+            if out is not None and (out := self._send(out, header, on_delivery)) is not None:
+                sent.append(out)
+        batch.outcome.outgoing[:] = sent
+        return len(sent)
+
+    def note(self, out: Outgoing, err: KafkaError | None, _msg: Message | None = None) -> None:
+        """A delivery report: remember a refusal of `out` for when its batch is processed again."""
+        if err is not None and err.code() in RECORD_REFUSALS and len(self._noted) < self.MAX_NOTED:
+            self._noted[_source_of(out)] = err.str()
+
+    def _after_refusal(self, out: Outgoing) -> Outgoing | None:
+        error = self._noted.pop(_source_of(out), None)
+        return out if error is None else self._stand_in(out, error)
+
+    def _stand_in(self, out: Outgoing, error: str) -> Outgoing | None:
+        """The dead letter that replaces a refused output, without a body; none for a shadow
+        record (its source has its own output)."""
+        if out.kind == "shadow":
+            return None
+        if out.kind == "dead_letter" and out.value is None:
+            raise DeliveryError(f"dead letter refused even without its body: {error}")
+        log.warning(
+            "output refused by Kafka; dead-lettered without its body",
+            extra={"topic": out.topic, "partition": out.source.partition, "offset": out.source.offset, "error": error},
+        )
+        if out.kind != "dead_letter":
+            reason = "too_large" if "too large" in error.lower() else "refused"
+            out = dead_letter(out.source, self._dlq, reason, f"{out.topic} refused the {out.kind} record: {error}")
+        return fit_dead_letter(out, self._max_record_bytes(), keep_body=False)
+
+    def _send(
+        self, out: Outgoing, header: tuple[str, bytes], on_delivery: Callable[[Outgoing], DeliveryCallback | None]
+    ) -> Outgoing | None:
+        while True:
+            try:
+                headers = cast(Any, [*out.headers, header])
+                self._producer.produce(
+                    out.topic, value=out.value, key=out.key, headers=headers, on_delivery=on_delivery(out)
+                )
+                return out
+            except BufferError as e:  # local queue full: serve delivery reports, then try again
+                if self._should_stop():
+                    raise DeliveryError("stopped while the producer's queue was full") from e
+                self._tick()
+                self._producer.poll(0.05)
+            except KafkaException as e:
+                err = kafka_error(e)
+                if err.code() not in RECORD_REFUSALS:
+                    raise
+                stand_in = self._stand_in(out, err.str())
+                if stand_in is None:
+                    return None
+                out = stand_in
 
 
 def _raise_delivery(e: KafkaException, what: str) -> None:
@@ -168,10 +280,11 @@ def _raise_delivery(e: KafkaException, what: str) -> None:
 
 
 class _UnitIds:
-    """`instance:pid:seq`: unique across restarts of one replica, so an id names one attempt."""
+    """`instance:nonce:seq`: unique across restarts of one replica, so an id names one attempt.
+    The nonce is random per process: in a container every process is PID 1."""
 
     def __init__(self, instance_id: str) -> None:
-        self._prefix = f"{instance_id}:{os.getpid()}:"
+        self._prefix = f"{instance_id}:{secrets.token_hex(4)}:"
         self._seq = 0
 
     def next(self) -> str:
@@ -181,7 +294,13 @@ class _UnitIds:
 
 class Transactional:
     """Exactly-once: one transaction per commit interval, spanning its micro-batches. `tick`
-    runs between retries of a commit (liveness while the broker is slow or down)."""
+    runs between retries of a commit (liveness while the broker is slow or down).
+
+    Each transactional call is made as librdkafka asks (`kafka_util.retry_call`): a commit or
+    abort that timed out is resumed by calling it again, an abort follows only an error that
+    requires one, and a call that cannot complete within the transaction timeout (the broker
+    aborts the transaction by then anyway) is `FatalDeliveryError`: the process exits non-zero
+    and its restart fences what was left open."""
 
     def __init__(
         self,
@@ -190,78 +309,86 @@ class Transactional:
         settings: Settings,
         ids: _UnitIds,
         tick: Callable[[], None] = lambda: None,
+        sender: Sender | None = None,
     ) -> None:
         self._tick = tick
         self._producer = producer
+        limit = max_record_bytes(settings)
+        self._sender = sender or Sender(producer, settings.topics.dlq, lambda: limit, tick)
         self._consumer = consumer
         self._interval_s = settings.commit.interval_ms / 1000
         self._max_items = settings.commit.max_items
+        self._max_bytes = settings.limits.max_held_bytes
+        #: How long a transactional call is retried or resumed before the process gives up.
+        self._window_s = settings.kafka.transaction_timeout_ms / 1000
         self._ids = ids
         self._unit: str | None = None
-        self._abort_pending = False
         self._batches: list[Batch] = []
         self._items = 0
+        self._bytes = 0
         self._started_at = 0.0
 
     def add(self, batch: Batch) -> None:
-        self._batches.append(batch)  # first: a failed begin must still rewind this batch
+        self._batches.append(batch)  # first: a failed produce must still rewind this batch
         self._items += len(batch.records)
-        try:
-            self._finish_abort()
-            if self._unit is None:
-                self._producer.begin_transaction()
-                self._unit, self._started_at = self._ids.next(), time.monotonic()
-            batch.unit = self._unit
-            for out in batch.outcome.outgoing:
-                _produce(self._producer, out, self._unit.encode(), None)
+        self._bytes += batch.inbound_bytes
+        batch.unit = self._unit or self._begin()
+        note = self._sender.note
+        try:  # delivery reports come for refused records only (`delivery.report.only.error`)
+            self._sender.send(batch, batch.unit, lambda out: functools.partial(note, out))
         except KafkaException as e:
             _raise_delivery(e, "produce failed")
+
+    def _begin(self) -> str:
+        """`begin_transaction` is local: it fails only when the producer is in an error state
+        (fatal, or a call left unfinished), which no retry in this process repairs."""
+        try:
+            self._producer.begin_transaction()
+        except KafkaException as e:
+            raise FatalDeliveryError(f"begin_transaction failed: {kafka_error(e).str()}") from e
+        self._unit, self._started_at = self._ids.next(), time.monotonic()
+        return self._unit
 
     def held(self) -> list[Batch]:
         return list(self._batches)
 
     def due(self, now: float) -> bool:
-        return self._unit is not None and (now - self._started_at >= self._interval_s or self._items >= self._max_items)
+        if self._unit is None:
+            return False
+        over_bytes = self._bytes >= self._max_bytes  # one more batch at most is added before the commit
+        return now - self._started_at >= self._interval_s or self._items >= self._max_items or over_bytes
+
+    def backlogged(self) -> bool:
+        return False  # the unit commits early at the byte cap instead (`due`)
 
     def commit(self, final: bool) -> Committed | None:
         if self._unit is None:
             return None
         offsets = next_offsets(r for b in self._batches for r in b.records)
         p = self._producer
+        group = self._consumer.consumer_group_metadata()
         try:
-            group = self._consumer.consumer_group_metadata()
             retry_call(
-                lambda: p.send_offsets_to_transaction(offsets, group, CALL_TIMEOUT_S), CALL_TIMEOUT_S, self._tick
+                lambda: p.send_offsets_to_transaction(offsets, group, CALL_TIMEOUT_S), self._window_s, self._tick
             )
-            retry_call(lambda: p.commit_transaction(CALL_TIMEOUT_S), CALL_TIMEOUT_S, self._tick)
-        except KafkaException as e:
-            _raise_delivery(e, "transaction not committed")
+            retry_call(lambda: p.commit_transaction(CALL_TIMEOUT_S), self._window_s, self._tick)
+        except KafkaException as e:  # only an error that requires an abort gets here
+            raise DeliveryError(f"transaction not committed: {kafka_error(e).str()}") from e
         return self._reset()
 
     def abort(self) -> Committed:
-        self._abort_pending = self._abort_pending or self._unit is not None
-        try:
-            self._finish_abort()
-        except FatalDeliveryError:
-            raise
-        except DeliveryError as e:  # the next `add` calls it again before anything else
-            log.warning("abort failed", extra={"error": str(e)})
+        """Abort the open transaction (an abort that timed out is resumed, never left behind:
+        librdkafka would refuse every other call until it completes)."""
+        if self._unit is not None:
+            try:
+                retry_call(lambda: self._producer.abort_transaction(CALL_TIMEOUT_S), self._window_s, self._tick)
+            except KafkaException as e:
+                raise FatalDeliveryError(f"abort_transaction failed: {kafka_error(e).str()}") from e
         return self._reset()
-
-    def _finish_abort(self) -> None:
-        """librdkafka: an abort that timed out must be called again until it completes; until
-        then every other transactional call fails ("conflicting abort_transaction call")."""
-        if not self._abort_pending:
-            return
-        try:
-            retry_call(lambda: self._producer.abort_transaction(CALL_TIMEOUT_S), CALL_TIMEOUT_S, self._tick)
-        except KafkaException as e:
-            _raise_delivery(e, "abort not finished")
-        self._abort_pending = False
 
     def _reset(self) -> Committed:
         done = Committed(self._unit or "", self._batches)
-        self._unit, self._batches, self._items = None, [], 0
+        self._unit, self._batches, self._items, self._bytes = None, [], 0, 0
         return done
 
 
@@ -269,25 +396,38 @@ class AtLeastOnce:
     """Asynchronous produce; offsets committed at the interval up to the last micro-batch whose
     outputs were all acknowledged, in order (so per partition in order too)."""
 
-    def __init__(self, producer: Producer, consumer: Consumer, settings: Settings, ids: _UnitIds) -> None:
+    def __init__(
+        self, producer: Producer, consumer: Consumer, settings: Settings, ids: _UnitIds, sender: Sender | None = None
+    ) -> None:
         self._producer = producer
+        limit = max_record_bytes(settings)
+        self._sender = sender or Sender(producer, settings.topics.dlq, lambda: limit)
         self._consumer = consumer
         self._interval_s = settings.commit.interval_ms / 1000
+        self._max_bytes = settings.limits.max_held_bytes
+        self._bytes = 0
         self._ids = ids
         self._batches: deque[Batch] = deque()
         self._last_commit = time.monotonic()
 
     def add(self, batch: Batch) -> None:
-        def on_delivery(err: KafkaError | None, _msg: Message) -> None:
-            batch.unacked -= 1
-            if err is not None and batch.error is None:
-                batch.error = err
+        note = self._sender.note
 
-        batch.unacked, batch.unit = len(batch.outcome.outgoing), self._ids.next()
+        def on_delivery(out: Outgoing) -> DeliveryCallback:
+            def delivered(err: KafkaError | None, msg: Message) -> None:
+                batch.unacked -= 1
+                if err is not None:
+                    note(out, err, msg)
+                    batch.error = batch.error or err
+
+            return delivered
+
+        batch.unit = self._ids.next()
         self._batches.append(batch)
+        self._bytes += batch.inbound_bytes
         try:
-            for out in batch.outcome.outgoing:
-                _produce(self._producer, out, batch.unit.encode(), on_delivery)
+            # after: reports served while the queue was full have already counted down
+            batch.unacked += self._sender.send(batch, batch.unit, on_delivery)
         except KafkaException as e:
             _raise_delivery(e, "produce failed")
         self._producer.poll(0)
@@ -317,8 +457,9 @@ class AtLeastOnce:
             self._consumer.commit(offsets=next_offsets(r for b in acked for r in b.records), asynchronous=False)
         except KafkaException as e:
             _raise_delivery(e, "offset commit failed")
-        for _ in acked:
+        for batch in acked:
             self._batches.popleft()
+            self._bytes -= batch.inbound_bytes
         return Committed(",".join(b.unit for b in acked), acked)
 
     def abort(self) -> Committed:
@@ -326,7 +467,13 @@ class AtLeastOnce:
         self._producer.flush(CALL_TIMEOUT_S)
         dropped = Committed(",".join(b.unit for b in self._batches), list(self._batches))
         self._batches.clear()
+        self._bytes = 0
         return dropped
+
+    def backlogged(self) -> bool:
+        """Outputs not yet acknowledged (a slow or unreachable broker) hold their batches: the
+        engine pauses consuming until acknowledgements bring the held bytes under the cap."""
+        return self._bytes >= self._max_bytes
 
 
 class Housekeeping:
@@ -341,7 +488,7 @@ class Housekeeping:
         self._router = router
         self._hooks = hooks
         self._assigned = assigned
-        self._admin: AdminClient = admin_client(settings)
+        self.admin: AdminClient = admin_client(settings)
         self._wake = threading.Event()
         self._stopped = threading.Event()
         self._topics_now = False
@@ -353,7 +500,8 @@ class Housekeeping:
     def stop(self) -> None:
         self._stopped.set()
         self._wake.set()
-        self._thread.join(HOUSEKEEPING_JOIN_S)  # a daemon: an admin call stuck on a down broker is abandoned
+        if self._thread.ident is not None:  # started (run may fail before it starts)
+            self._thread.join(HOUSEKEEPING_JOIN_S)  # a daemon: an admin call stuck on a down broker is abandoned
 
     def check_topics_soon(self) -> None:
         self._topics_now = True
@@ -387,13 +535,17 @@ class Housekeeping:
             names = required_topics(self._settings, self._router)
             t = self._settings.topics
             if t.auto_create:
-                created = ensure_topics(self._admin, names, t.partitions, t.replication)
+                created = ensure_topics(self.admin, names, t.partitions, t.replication)
                 if created:
                     log.warning("recreated missing topics", extra={"topics": created})
-            elif missing := missing_topics(self._admin, names):
+            elif missing := missing_topics(self.admin, names):
                 log.error("output topics missing; create them or set CW_TOPICS__AUTO_CREATE", extra={"topics": missing})
         except (KafkaException, DeliveryError) as e:
             log.warning("cannot check topics", extra={"error": str(e)})
+
+    def _offsets(self, tps: list[TopicPartition], spec: OffsetSpec) -> dict[tuple[str, int], int]:
+        futures = self.admin.list_offsets({tp: spec for tp in tps}, request_timeout=ADMIN_TIMEOUT_S)
+        return {(tp.topic, tp.partition): f.result().offset for tp, f in futures.items()}
 
     def report_lag(self) -> None:
         """High watermark minus the group's committed offset, both read from the broker."""
@@ -402,13 +554,16 @@ class Housekeeping:
             return
         try:
             group = ConsumerGroupTopicPartitions(self._settings.kafka.group_id, tps)
-            fut = self._admin.list_consumer_group_offsets([group], request_timeout=ADMIN_TIMEOUT_S)
+            fut = self.admin.list_consumer_group_offsets([group], request_timeout=ADMIN_TIMEOUT_S)
             committed = {(tp.topic, tp.partition): tp.offset for tp in fut[group.group_id].result().topic_partitions}
-            latest = OffsetSpec.latest()  # type: ignore[no-untyped-call]
-            highs = self._admin.list_offsets({tp: latest for tp in tps}, request_timeout=ADMIN_TIMEOUT_S)
-            for tp, f in highs.items():
-                done = max(committed.get((tp.topic, tp.partition), 0), 0)  # -1001: nothing committed yet
-                self._hooks.on_lag(tp.topic, tp.partition, max(0, f.result().offset - done))
+            highs = self._offsets(tps, OffsetSpec.latest())  # type: ignore[no-untyped-call]
+            # nothing committed yet (-1001): the group starts from the log start, not from 0
+            fresh = [tp for tp in tps if committed.get((tp.topic, tp.partition), -1) < 0]
+            starts = self._offsets(fresh, OffsetSpec.earliest()) if fresh else {}  # type: ignore[no-untyped-call]
+            for tp in tps:
+                key = (tp.topic, tp.partition)
+                done = committed[key] if committed.get(key, -1) >= 0 else starts[key]
+                self._hooks.on_lag(tp.topic, tp.partition, max(0, highs[key] - done))
         except KafkaException as e:
             log.debug("lag not available", extra={"error": str(e)})
 
@@ -436,6 +591,11 @@ class ConfluentEngine:
         #: Seek targets left by an abort inside a rebalance callback, applied after the poll.
         self._rewind_to: dict[tuple[str, int], int] = {}
         self._in_callback = False
+        #: Consuming paused by `_throttle` (at-least-once, over the held-bytes cap).
+        self._paused = False
+        #: Last commit, or last turn with nothing in hand; and whether a failure left work to redo.
+        self._progress_at = time.monotonic()
+        self._redo = False
         self._assigned: set[tuple[str, int]] = set()
         self._assigned_at: float | None = None
         self._assigned_lock = threading.Lock()
@@ -452,13 +612,18 @@ class ConfluentEngine:
                 **settings.librdkafka_producer(),
                 "logger": self._client_log,
                 "error_cb": lambda err: self._on_error(err, "producer"),
+                # exactly-once needs delivery reports only for refused records (`Sender.note`)
+                **({"delivery.report.only.error": True} if self.exactly_once else {}),
             }
         )
         ids = _UnitIds(settings.kafka.instance_id)
+        sender = Sender(
+            self.producer, settings.topics.dlq, lambda: pipeline.max_record_bytes, self._alive, self._should_stop
+        )
         self.delivery: Delivery = (
-            Transactional(self.producer, self.consumer, settings, ids, hooks.on_loop)
+            Transactional(self.producer, self.consumer, settings, ids, self._alive, sender)
             if self.exactly_once
-            else AtLeastOnce(self.producer, self.consumer, settings, ids)
+            else AtLeastOnce(self.producer, self.consumer, settings, ids, sender)
         )
         self.housekeeping = Housekeeping(settings, pipeline.router, hooks, self._assigned_now)
 
@@ -482,6 +647,7 @@ class ConfluentEngine:
                 names = required_topics(self.settings, self.pipeline.router)
                 admin = admin_client(self.settings)
                 self._retry("create topics", lambda: ensure_topics(admin, names, t.partitions, t.replication))
+            self._fit_to_topics()
             if self.exactly_once:
                 self._retry("init_transactions", lambda: self.producer.init_transactions(CALL_TIMEOUT_S))
             self.consumer.subscribe(
@@ -500,12 +666,28 @@ class ConfluentEngine:
         if self._fatal is not None:
             raise FatalDeliveryError(f"fatal Kafka error: {self._fatal.str()}")
 
+    def _fit_to_topics(self) -> None:
+        """Size records against the output topics' `max.message.bytes` too, where it is below the
+        producer's limit: such a record is dead-lettered in its batch, before any produce."""
+        if self._should_stop():
+            return
+        outputs = set(required_topics(self.settings, self.pipeline.router)) - {self.settings.topics.input}
+        try:
+            smallest = smallest_message_limit(self.housekeeping.admin, outputs)
+        except KafkaException as e:
+            log.warning("output topics' size limits not available", extra={"error": str(e)})
+            return
+        if smallest is not None and smallest - RECORD_OVERHEAD_BYTES < self.pipeline.max_record_bytes:
+            self.pipeline.max_record_bytes = smallest - RECORD_OVERHEAD_BYTES
+            log.info("records sized to the output topics' limit", extra={"max_message_bytes": smallest})
+
     def _loop(self, max_messages: int | None, idle_exit_s: float | None) -> None:
-        backoff = Backoff(self.hooks.on_loop)
+        backoff = Backoff(self._alive)
         last_message = time.monotonic()
         while not self._should_stop():
             if not self._classifier_stuck():
-                self.hooks.on_loop()
+                self._alive()
+            self._throttle()
             try:
                 if self._turn(self._room(max_messages)):
                     last_message = time.monotonic()
@@ -515,12 +697,30 @@ class ConfluentEngine:
                 self._fail(e)
                 backoff.wait(self._should_stop)
                 continue
+            if not self._redo and self._inflight is None and not self.delivery.held():
+                self._progress_at = time.monotonic()  # nothing in hand: idle is not stuck
             if max_messages is not None and self.processed >= max_messages:
                 log.info("max messages reached", extra={"processed": self.processed})
                 return
             if self._idle(last_message, idle_exit_s):
                 log.info("idle, exiting", extra={"idle_exit_s": idle_exit_s, "processed": self.processed})
                 return
+
+    def _throttle(self) -> None:
+        """Pause the assigned partitions while the held batches are over the byte cap (outputs
+        waiting for acknowledgements); resume once under it. The loop keeps polling meanwhile
+        (rebalances, liveness); a partition assigned while paused is paused at the next turn."""
+        if self.delivery.backlogged():
+            if not self._paused:
+                cap = self.settings.limits.max_held_bytes
+                log.info("outputs unacknowledged over the byte cap; pausing", extra={"max_held_bytes": cap})
+            self._paused = True
+            with contextlib.suppress(KafkaException):  # nothing assigned right now
+                self.consumer.pause(self.consumer.assignment())
+        elif self._paused:
+            self._paused = False
+            with contextlib.suppress(KafkaException):
+                self.consumer.resume(self.consumer.assignment())
 
     def _close(self) -> None:
         self.housekeeping.stop()
@@ -556,6 +756,14 @@ class ConfluentEngine:
         if idle_exit_s is None or self._assigned_at is None or self._inflight is not None or self.delivery.held():
             return False
         return time.monotonic() - max(last_message, self._assigned_at) > idle_exit_s
+
+    def _alive(self) -> None:
+        """Stamp liveness, unless work has been in hand for PROGRESS_STUCK_S without a commit: a
+        worker retrying a failing batch or waiting on a commit forever must not look healthy."""
+        if time.monotonic() - self._progress_at < PROGRESS_STUCK_S:
+            self.hooks.on_loop()
+        else:
+            self.hooks.on_stalled()
 
     def _classifier_stuck(self) -> bool:
         return self._inflight is not None and time.monotonic() - self._inflight[2] > CLASSIFIER_STUCK_S
@@ -629,10 +837,13 @@ class ConfluentEngine:
         """Commit when due; count and report what was committed (once, after the commit)."""
         if not due:
             return False
+        started = time.perf_counter()
         done = self.delivery.commit(final)
         if done is None:
             return False
         self.last_commit_at = time.perf_counter()
+        self.hooks.on_commit(self.last_commit_at - started)
+        self._progress_at, self._redo = time.monotonic(), False
         now_ms = int(time.time() * 1000)
         messages = 0
         for batch in done.batches:
@@ -658,9 +869,10 @@ class ConfluentEngine:
         except (InferenceError, DeliveryError) as e:
             self._fail(e)
 
-    def _fail(self, e: InferenceError | DeliveryError) -> None:
+    def _fail(self, e: InferenceError | DeliveryError, counted: bool = True) -> None:
         """Abort the whole commit unit and the batch at the classifier; seek back to their
-        first offsets so they are processed again."""
+        first offsets so they are processed again. `counted`: a failed batch in the metrics
+        (lost partitions are a rebalance, not a delivery failure)."""
         if self._refused_delivery(e) and isinstance(e, FatalDeliveryError):
             return  # the producer is fatally refused: nothing to abort; `run` names the cause
         if isinstance(e, FatalDeliveryError):
@@ -669,7 +881,8 @@ class ConfluentEngine:
             self._fatal = self._fatal or KafkaError(KafkaError._FATAL, str(e), fatal=True)
             return
         stage = "inference" if isinstance(e, InferenceError) else "delivery"
-        self.hooks.on_batch_failed(stage)
+        if counted:
+            self.hooks.on_batch_failed(stage)
         held = self._drop_inflight()
         try:
             dropped = self.delivery.abort()
@@ -677,6 +890,7 @@ class ConfluentEngine:
             self._fail(fatal)
             return
         held.extend(r for b in dropped.batches for r in b.records)
+        self._redo = self._redo or bool(held)
         log.warning(
             "batch not delivered; rewinding",
             extra={"batch": dropped.unit, "stage": stage, "error": str(e), "messages": len(held)},
@@ -718,8 +932,10 @@ class ConfluentEngine:
                 continue
             try:
                 self.consumer.seek(TopicPartition(topic, partition, offset))
-            except KafkaException as e:
-                log.warning("seek failed", extra={"partition": partition, "error": str(e)})
+            except KafkaException as e:  # the consumer would read on past what was dropped: lost
+                err = kafka_error(e)
+                log.critical("seek failed after an abort", extra={"partition": partition, "error": err.str()})
+                self._fatal = self._fatal or KafkaError(KafkaError._FATAL, f"seek failed: {err.str()}", fatal=True)
         self._rewind_to.clear()
 
     # -- callbacks ----------------------------------------------------------------------------
@@ -791,7 +1007,7 @@ class ConfluentEngine:
 
     def _abandon(self) -> None:
         if self._inflight is not None or self.delivery.held():
-            self._fail(DeliveryError("partitions lost"))
+            self._fail(DeliveryError("partitions lost"), counted=False)
 
     def _in_callback_run(self, fn: Callable[[], None]) -> None:
         self._in_callback = True
