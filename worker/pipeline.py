@@ -27,7 +27,7 @@ from pydantic import ValidationError
 
 from worker import exact_json
 from worker.config import Settings
-from worker.errors import DecodeError, InferenceError
+from worker.errors import DecodeError, DeliveryError, InferenceError
 from worker.messages import (
     ERROR_MESSAGE,
     ERROR_REASON,
@@ -176,6 +176,18 @@ def fit_dead_letter(out: Outgoing, max_record_bytes: int, keep_body: bool = True
         return slim
     ours = [(k, v) for k, v in out.headers[len(out.source.headers) :] if k in _DEAD_LETTER_HEADERS]
     return replace(out, value=None, key=None, headers=[*ours, *digest])
+
+
+def refused_stand_in(out: Outgoing, dlq_topic: str, reason: str, message: str, max_record_bytes: int) -> Outgoing:
+    """What replaces an output Kafka refused for what it is (too large, invalid): a dead letter
+    of its source without the body, the body's size and SHA-256 in headers. Both engines use it,
+    so a refused record costs the same everywhere and never blocks its partition. Raises
+    `DeliveryError` when the refused record already was such a dead letter."""
+    if out.kind == "dead_letter" and out.value is None:
+        raise DeliveryError(f"dead letter refused even without its body: {message}")
+    if out.kind != "dead_letter":
+        out = dead_letter(out.source, dlq_topic, reason, message)
+    return fit_dead_letter(out, max_record_bytes, keep_body=False)
 
 
 def max_record_bytes(settings: Settings) -> int:

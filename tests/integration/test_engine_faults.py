@@ -17,8 +17,9 @@ from devkit.toolkit import read_outputs
 from tests.support import scenario
 from tests.support.engine import in_process_engine
 from tests.support.kafka import TopicSet, create_topic, produce
-from worker.engines.confluent import TOPIC_CHECK_INTERVAL_S, ConfluentEngine
+from worker.engines.confluent import ConfluentEngine
 from worker.errors import InferenceError
+from worker.housekeeping import TOPIC_CHECK_INTERVAL_S
 from worker.observability import PrometheusHooks
 
 pytestmark = pytest.mark.integration

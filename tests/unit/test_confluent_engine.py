@@ -20,12 +20,12 @@ from worker.engines.confluent import (
     AtLeastOnce,
     Batch,
     ConfluentEngine,
-    Housekeeping,
     Sender,
     Transactional,
     _UnitIds,
 )
 from worker.errors import DeliveryError, FatalDeliveryError
+from worker.housekeeping import Housekeeping
 from worker.observability import Health, Hooks, PrometheusHooks
 from worker.pipeline import Outcome, build_pipeline
 from worker.records import Outgoing, Record

@@ -14,7 +14,7 @@ Revoked partitions never leave a transaction open: `on_revoke` finishes it (or a
 At-least-once: asynchronous produce with an idempotent producer; offsets are committed at the
 interval up to the last micro-batch whose outputs were all acknowledged, in order.
 
-Lag and topic checks run on their own thread with their own admin client (`Housekeeping`).
+Lag and topic checks run on their own thread with their own admin client (`worker.housekeeping`).
 """
 
 from __future__ import annotations
@@ -35,17 +35,16 @@ from typing import Any, Protocol, TypeVar, cast
 from confluent_kafka import (
     TIMESTAMP_NOT_AVAILABLE,
     Consumer,
-    ConsumerGroupTopicPartitions,
     KafkaError,
     KafkaException,
     Message,
     Producer,
     TopicPartition,
 )
-from confluent_kafka.admin import AdminClient, OffsetSpec  # type: ignore[attr-defined]
 
 from worker.config import Settings
 from worker.errors import DeliveryError, FatalDeliveryError, InferenceError, WedgedClientError
+from worker.housekeeping import Housekeeping
 from worker.kafka_errors import ClientLog, KafkaAccessError, Resources, Side, check_access, explain, kafka_error_of
 from worker.kafka_util import CALL_TIMEOUT_S, RECORD_REFUSALS, Backoff, kafka_error, retry_call
 from worker.messages import BATCH_HEADER
@@ -54,17 +53,13 @@ from worker.pipeline import (
     RECORD_OVERHEAD_BYTES,
     Outcome,
     Pipeline,
-    dead_letter,
-    fit_dead_letter,
     max_record_bytes,
+    refused_stand_in,
 )
 from worker.records import Headers, Outgoing, Record
-from worker.routing import Router
 from worker.topics import (
-    ADMIN_TIMEOUT_S,
     admin_client,
     ensure_topics,
-    missing_topics,
     required_topics,
     smallest_message_limit,
 )
@@ -72,10 +67,6 @@ from worker.topics import (
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-#: How often the output topics are checked for existence (a deleted one is recreated).
-TOPIC_CHECK_INTERVAL_S = 10.0
-#: How often lag is computed from watermarks and committed offsets.
-LAG_INTERVAL_S = 5.0
 #: Longest single wait of the loop (for a message, or for the classifier): bounds how late a
 #: stop request, a due commit and the liveness stamp are noticed.
 IDLE_POLL_S = 0.1
@@ -87,8 +78,6 @@ CLASSIFIER_STUCK_S = 30.0
 #: (`Hooks.on_stalled`) and the orchestrator restarts it. Above what a broker freeze inside the
 #: transaction timeout costs a resumed commit (a 30 s call timeout, then the resumed call).
 PROGRESS_STUCK_S = 60.0
-#: Stop waits this long for the housekeeping thread: a shutdown must fit the pod's grace period.
-HOUSEKEEPING_JOIN_S = 1.0
 
 
 def to_record(m: Message) -> Record:
@@ -236,16 +225,13 @@ class Sender:
         record (its source has its own output)."""
         if out.kind == "shadow":
             return None
-        if out.kind == "dead_letter" and out.value is None:
-            raise DeliveryError(f"dead letter refused even without its body: {error}")
         log.warning(
             "output refused by Kafka; dead-lettered without its body",
             extra={"topic": out.topic, "partition": out.source.partition, "offset": out.source.offset, "error": error},
         )
-        if out.kind != "dead_letter":
-            reason = "too_large" if "too large" in error.lower() else "refused"
-            out = dead_letter(out.source, self._dlq, reason, f"{out.topic} refused the {out.kind} record: {error}")
-        return fit_dead_letter(out, self._max_record_bytes(), keep_body=False)
+        reason = "too_large" if "too large" in error.lower() else "refused"
+        message = f"{out.topic} refused the {out.kind} record: {error}"
+        return refused_stand_in(out, self._dlq, reason, message, self._max_record_bytes())
 
     def _send(
         self, out: Outgoing, header: tuple[str, bytes], on_delivery: Callable[[Outgoing], DeliveryCallback | None]
@@ -474,98 +460,6 @@ class AtLeastOnce:
         """Outputs not yet acknowledged (a slow or unreachable broker) hold their batches: the
         engine pauses consuming until acknowledgements bring the held bytes under the cap."""
         return self._bytes >= self._max_bytes
-
-
-class Housekeeping:
-    """Lag and topic checks on their own thread and admin client, so a slow metadata or
-    offsets request never delays a batch. `check_topics_soon` asks for a check after a failed
-    delivery: an output topic deleted under us is recreated (auto_create) or reported."""
-
-    def __init__(
-        self, settings: Settings, router: Router, hooks: Hooks, assigned: Callable[[], set[tuple[str, int]]]
-    ) -> None:
-        self._settings = settings
-        self._router = router
-        self._hooks = hooks
-        self._assigned = assigned
-        self.admin: AdminClient = admin_client(settings)
-        self._wake = threading.Event()
-        self._stopped = threading.Event()
-        self._topics_now = False
-        self._thread = threading.Thread(target=self._run, name="housekeeping", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stopped.set()
-        self._wake.set()
-        if self._thread.ident is not None:  # started (run may fail before it starts)
-            self._thread.join(HOUSEKEEPING_JOIN_S)  # a daemon: an admin call stuck on a down broker is abandoned
-
-    def check_topics_soon(self) -> None:
-        self._topics_now = True
-        self._wake.set()
-
-    def _run(self) -> None:
-        next_lag = 0.0
-        next_topics = time.monotonic() + TOPIC_CHECK_INTERVAL_S
-        while not self._stopped.is_set():
-            now = time.monotonic()
-            if self._topics_now or now >= next_topics:
-                self._topics_now, next_topics = False, now + TOPIC_CHECK_INTERVAL_S
-                self._safely(self.check_topics)
-            if now >= next_lag:
-                next_lag = now + LAG_INTERVAL_S
-                self._safely(self.report_lag)
-            self._wake.wait(max(0.0, min(next_lag, next_topics) - time.monotonic()))
-            self._wake.clear()
-
-    @staticmethod
-    def _safely(check: Callable[[], None]) -> None:
-        """An unexpected error is logged and the timer goes on: a dead housekeeping thread would
-        silently freeze the lag gauge and stop recreating deleted topics."""
-        try:
-            check()
-        except Exception:
-            log.exception("housekeeping check failed", extra={"check": check.__name__})
-
-    def check_topics(self) -> None:
-        try:
-            names = required_topics(self._settings, self._router)
-            t = self._settings.topics
-            if t.auto_create:
-                created = ensure_topics(self.admin, names, t.partitions, t.replication)
-                if created:
-                    log.warning("recreated missing topics", extra={"topics": created})
-            elif missing := missing_topics(self.admin, names):
-                log.error("output topics missing; create them or set CW_TOPICS__AUTO_CREATE", extra={"topics": missing})
-        except (KafkaException, DeliveryError) as e:
-            log.warning("cannot check topics", extra={"error": str(e)})
-
-    def _offsets(self, tps: list[TopicPartition], spec: OffsetSpec) -> dict[tuple[str, int], int]:
-        futures = self.admin.list_offsets({tp: spec for tp in tps}, request_timeout=ADMIN_TIMEOUT_S)
-        return {(tp.topic, tp.partition): f.result().offset for tp, f in futures.items()}
-
-    def report_lag(self) -> None:
-        """High watermark minus the group's committed offset, both read from the broker."""
-        tps = [TopicPartition(t, p) for t, p in sorted(self._assigned())]
-        if not tps:
-            return
-        try:
-            group = ConsumerGroupTopicPartitions(self._settings.kafka.group_id, tps)
-            fut = self.admin.list_consumer_group_offsets([group], request_timeout=ADMIN_TIMEOUT_S)
-            committed = {(tp.topic, tp.partition): tp.offset for tp in fut[group.group_id].result().topic_partitions}
-            highs = self._offsets(tps, OffsetSpec.latest())  # type: ignore[no-untyped-call]
-            # nothing committed yet (-1001): the group starts from the log start, not from 0
-            fresh = [tp for tp in tps if committed.get((tp.topic, tp.partition), -1) < 0]
-            starts = self._offsets(fresh, OffsetSpec.earliest()) if fresh else {}  # type: ignore[no-untyped-call]
-            for tp in tps:
-                key = (tp.topic, tp.partition)
-                done = committed[key] if committed.get(key, -1) >= 0 else starts[key]
-                self._hooks.on_lag(tp.topic, tp.partition, max(0, highs[key] - done))
-        except KafkaException as e:
-            log.debug("lag not available", extra={"error": str(e)})
 
 
 class ConfluentEngine:

@@ -1,7 +1,7 @@
 """The same pipeline as a faust-streaming agent, for teams whose topology is already Faust.
 
 Nothing is re-implemented here: records go through `worker.pipeline.Pipeline` (decode, classify,
-route, dead-letter), the observability hooks and the confluent engine's `Housekeeping` (lag,
+route, dead-letter), the observability hooks and `worker.housekeeping` (lag,
 topic checks). The agent batches with `take_events` on a `noack()` stream, runs the CPU-bound
 pipeline in a worker thread so the event loop keeps heartbeating, and sends every output,
 retrying what failed until it is acknowledged; only then are the batch's events acknowledged,
@@ -47,12 +47,12 @@ from faust.exceptions import ProducerSendError
 from faust.transport.drivers import aiokafka as aiokafka_driver
 
 from worker.config import CONSUMER_FETCH_DEFAULTS, SECURITY_KEYS, KafkaSecurity, LibrdkafkaValue, Settings
-from worker.engines.confluent import Housekeeping
-from worker.errors import ConfigError, DeliveryError, InferenceError, KafkaAccessError, WorkerError
+from worker.errors import ConfigError, InferenceError, KafkaAccessError, WorkerError
+from worker.housekeeping import Housekeeping
 from worker.kafka_errors import Resources, check_access, check_consumer_access, explain
 from worker.kafka_util import Backoff
 from worker.observability import Hooks
-from worker.pipeline import Outcome, Pipeline, dead_letter
+from worker.pipeline import Outcome, Pipeline, max_record_bytes, refused_stand_in
 from worker.records import Outgoing, Record
 from worker.topics import ensure_for, required_topics
 
@@ -445,9 +445,7 @@ class FaustClassifier:
             pending, transient = [], None
             for out, alone, error in failed:
                 if isinstance(error, TOO_LARGE):
-                    pending.append(
-                        (_too_large_dead_letter(out, self.settings.topics.dlq, error), True) if alone else (out, True)
-                    )
+                    pending.append((self._too_large_stand_in(out, error), True) if alone else (out, True))
                     continue
                 if isinstance(error, BrokerResponseError):
                     self._raise_if_refused(error)
@@ -463,6 +461,10 @@ class FaustClassifier:
                 self._housekeeping.check_topics_soon()  # an output topic deleted under us is recreated
                 await asyncio.sleep(delay_s)
         return delivered
+
+    def _too_large_stand_in(self, out: Outgoing, error: Exception) -> Outgoing:
+        message = f"the {out.kind} output to {out.topic} is too large for Kafka ({type(error).__name__})"
+        return refused_stand_in(out, self.settings.topics.dlq, "too_large", message, max_record_bytes(self.settings))
 
     async def _send_all(self, pending: list[tuple[Outgoing, bool]]) -> list[tuple[Outgoing, bool, Exception]]:
         """Send `pending` (together, then those marked to go alone one by one); what failed."""
@@ -550,16 +552,6 @@ def _cause(e: Exception) -> Exception:
     """aiokafka's error inside Faust's `ProducerSendError`."""
     cause = e.__cause__
     return cause if isinstance(e, ProducerSendError) and isinstance(cause, Exception) else e
-
-
-def _too_large_dead_letter(out: Outgoing, dlq: str, error: Exception) -> Outgoing:
-    """The dead letter of an output Kafka will not take: the source's key and headers, no body
-    (which is what was too large). Raises when even that is refused."""
-    if out.kind == "dead_letter" and out.value is None and out.detail == "too_large":
-        raise DeliveryError(f"a dead letter to {dlq} is too large even without its body: {error!r}")
-    source = dataclasses.replace(out.source, value=None)
-    message = f"the {out.kind} output to {out.topic} is too large for Kafka ({type(error).__name__})"
-    return dead_letter(source, dlq, "too_large", message)
 
 
 def _withhold_acks(events: Any) -> None:
