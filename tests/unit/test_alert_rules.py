@@ -72,7 +72,11 @@ def test_the_chart_ships_the_rules_scoped_to_its_release_when_the_crd_exists() -
         "--api-versions", "monitoring.coreos.com/v1", "--namespace", "ml", "--set", "prometheusRule.labels.release=kps"
     )
     rule = next(d for d in docs if d["kind"] == "PrometheusRule")
-    service = next(d for d in docs if d["kind"] == "Service")
+    scraped = [
+        d for d in docs if d["kind"] == "Service" and any(p["name"] == "metrics" for p in d["spec"].get("ports", []))
+    ]
+    assert len(scraped) == 1, f"the ServiceMonitor would scrape {len(scraped)} Services per pod: {scraped}"
+    service = scraped[0]
     monitor = next(d for d in docs if d["kind"] == "ServiceMonitor")
 
     # Then the rules are the file's, each job matcher narrowed to this release's ServiceMonitor job
