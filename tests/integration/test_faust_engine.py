@@ -11,13 +11,11 @@ from pathlib import Path
 
 import pytest
 from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient, NewTopic
 
 from devkit.toolkit import read_outputs, start_worker
 from tests.support import scenario
 from tests.support.kafka import TopicSet, create_topic, produce, wait_for_log
-from worker.config import load_settings
-from worker.pipeline import build_pipeline
-from worker.records import Record
 
 pytest.importorskip("faust", reason="needs the [faust] extra")
 pytestmark = pytest.mark.integration
@@ -78,41 +76,36 @@ def test_only_committed_input_is_routed(kafka_bootstrap: str, tiny_bundle: Path,
     assert keys == sorted(k.decode() for k, _ in committed), f"routed {keys}"
 
 
-#: aiokafka refuses a record whose estimated size (value, key, headers, overhead) passes the
-#: producer's max_request_size (Faust's default: 1,000,000 bytes) before sending it.
-PRODUCER_LIMIT = 1_000_000
+#: The category topics' `max.message.bytes` in the too-large test: below the producer's limit, so
+#: the pipeline (which sizes records against the producer) routes the output and only the broker
+#: refuses it, mid-batch.
+TOPIC_LIMIT = 300_000
 
 
-def _routed_size(bundle: Path, value: bytes) -> int:
-    """What the pipeline makes of `value`: the routed output's size (sizing the input only)."""
-    settings = load_settings(model={"path": bundle})
-    (out,) = build_pipeline(settings).process([Record(value, b"key")]).outgoing
-    assert out.kind == "routed", out
-    return len(out.value or b"")
-
-
-def _oversized_output(bundle: Path) -> bytes:
-    """A valid input whose routed value is just under the pipeline's 1,000,000-byte output limit,
-    so only the producer (its headers on top) finds it too large."""
+def _oversized_output() -> bytes:
+    """A valid input whose routed value is over `TOPIC_LIMIT` and far under the producer's limit."""
     text, _ = scenario.VALID[0]
-    build = lambda pad: json.dumps({"id": "huge", "text": text, "meta": {"pad": "x" * pad}}).encode()  # noqa: E731
-    overhead = _routed_size(bundle, build(0))
-    value = build(PRODUCER_LIMIT - 60 - overhead)
-    assert PRODUCER_LIMIT - 100 < _routed_size(bundle, value) <= PRODUCER_LIMIT
-    return value
+    return json.dumps({"id": "huge", "text": text, "meta": {"pad": "x" * (TOPIC_LIMIT + 50_000)}}).encode()
 
 
-def test_an_output_too_large_for_the_producer_loses_nothing(
+def test_an_output_too_large_for_its_topic_loses_nothing(
     kafka_bootstrap: str, tiny_bundle: Path, tmp_path: Path
 ) -> None:
-    # Given 300 messages and, in the middle of a batch, one whose routed output the producer refuses
+    # Given output topics whose limit is below the producer's, and 300 messages of which one, in
+    # the middle of a batch, has a routed output the broker refuses
     topics = TopicSet.fresh()
     create_topic(kafka_bootstrap, topics.input, 1)
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+    limited = [
+        NewTopic(t, PARTITIONS, 1, config={"max.message.bytes": str(TOPIC_LIMIT)}) for t in topics.outputs(CATEGORIES)
+    ]
+    for f in admin.create_topics(limited).values():
+        f.result(30)
     messages, expected = scenario.build(300)
     # (without the scenario's own too-large input: the input limit here lets the huge one in)
     expected = {k: e for k, e in expected.items() if e.reason != "too_large"}
     messages = [m for m in messages if (m[0] or b"").decode() in expected]
-    huge = (b"huge", _oversized_output(tiny_bundle), [("trace-id", b"huge"), ("tenant", b"acme")])
+    huge = (b"huge", _oversized_output(), [("trace-id", b"huge"), ("tenant", b"acme")])
     produce(kafka_bootstrap, topics.input, [*messages[:120], huge, *messages[120:]])
 
     # When the Faust engine runs in batches of 50 until the stream is idle
@@ -127,6 +120,7 @@ def test_an_output_too_large_for_the_producer_loses_nothing(
     scenario.check([r for r in received if r.key != b"huge"], expected, topics.prefix, topics.dlq, exactly_once=False)
     assert [(r.topic, r.value, r.headers.get("error.reason")) for r in dead] == [(topics.dlq, None, b"too_large")]
     assert dead[0].headers.get("trace-id") == b"huge" and dead[0].headers.get("source.offset") == b"120"
+    assert dead[0].headers.get("error.value_bytes") == str(len(huge[1])).encode()
 
 
 def test_a_null_header_value_stays_null(kafka_bootstrap: str, tiny_bundle: Path, tmp_path: Path) -> None:

@@ -133,7 +133,8 @@ def _compression(value: LibrdkafkaValue) -> str | None:
 def _acks(value: LibrdkafkaValue) -> int:
     if str(value).lower() not in ("all", "-1"):
         raise ConfigError(
-            f"acks={value}: the faust engine's producer is idempotent, which needs acks=all (as librdkafka's)"
+            f"acks={value}: the faust engine's producer writes with acks=all, so an acknowledged output survives"
+            " a leader change (its input's offset is committed after the acknowledgement)"
         )
     return -1
 
@@ -179,8 +180,8 @@ MAPPED: dict[str, tuple[str, tuple[str, ...], Callable[[LibrdkafkaValue], Any]]]
     "request.required.acks": ("app", ("producer_acks",), _acks),
 }
 #: Accepted and fixed by the engine whatever their value, as the confluent engine fixes them:
-#: the group is the app's, offsets are committed after delivery, input is read committed, the
-#: producer is idempotent.
+#: the group is the app's, offsets are committed after delivery, input is read committed, and
+#: idempotence is off (see `_Producer`).
 FIXED = frozenset(
     {"group.id", "enable.auto.commit", "enable.auto.offset.store", "isolation.level", "enable.idempotence"}
 )
@@ -239,11 +240,15 @@ class _Consumer(aiokafka_driver.Consumer):
 
 
 class _Producer(aiokafka_driver.Producer):
-    """Idempotent, as the confluent engine's producer: aiokafka's own retries then neither
-    duplicate nor reorder an output (Faust turns this on only under its exactly-once)."""
+    """acks=all, and not idempotent: aiokafka's idempotent producer cannot recover from a batch
+    the broker refuses (a record over the topic's `max.message.bytes`): every later batch of that
+    partition then fails with OutOfOrderSequenceNumber, for good (seen in
+    `test_an_output_too_large_for_its_topic_loses_nothing`). Without idempotence aiokafka keeps
+    one request in flight per broker, so a retry does not reorder outputs; it may duplicate one,
+    which at-least-once allows."""
 
     def _settings_extra(self) -> Any:
-        return {**super()._settings_extra(), "acks": "all", "enable_idempotence": True}
+        return {**super()._settings_extra(), "acks": "all", "enable_idempotence": False}
 
 
 class _ConsumerThread(aiokafka_driver.AIOKafkaConsumerThread):
