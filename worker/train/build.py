@@ -16,6 +16,10 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+from tokenizers import Tokenizer
+from transformers import PreTrainedModel
+
 from worker.config import Settings
 from worker.errors import DataError
 from worker.model.bundle import load_bundle
@@ -32,8 +36,9 @@ from worker.train.data import (
     read_examples,
     with_extra_training,
 )
-from worker.train.export import check_parity, export, fuse, quantize
+from worker.train.export import Parity, Quantization, check_parity, export, fuse, quantize
 from worker.train.finetune import FitConfig, average, fit, seed_everything
+from worker.train.quiet import library_log, silenced
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +49,8 @@ PARITY_TEXTS = 1000
 CALIBRATION_TEXTS = 1024
 #: Written next to a `--save-torch` checkpoint, so a model averaged from it can say how it was made.
 FIT_RECORD = "fit.json"
+#: In the bundle directory: what the libraries (torch, onnxruntime, transformers) had to say.
+TRAIN_LOG = "train.log"
 
 
 def default_base() -> Path:
@@ -97,78 +104,104 @@ def train_bundle(
     categories = load_categories(categories_file) if categories_file else {}
     categories = {lb: c for lb, c in categories.items() if lb in labels and lb not in fallback}
 
-    started = time.perf_counter()
-    if average_of:
-        model, tok = average(average_of, labels)
-        fit_record: dict[str, Any] = {"average_of": [_ingredient(p) for p in average_of]}
-    else:
-        model, tok = fit(base, splits.train, labels, fit_cfg, frozenset(fallback))
-        fit_record = {**asdict(fit_cfg), "seconds": round(time.perf_counter() - started, 1)}
-    if save_torch:
-        model.save_pretrained(save_torch)
-        shutil.copy(base / "tokenizer.json", save_torch / "tokenizer.json")
-        _write_json(save_torch / FIT_RECORD, fit_record)
-
     out.mkdir(parents=True, exist_ok=True)
+    with library_log(out / TRAIN_LOG):
+        model, tok, fit_record = _model(base, splits, labels, fit_cfg, fallback, average_of)
+        if save_torch:
+            model.save_pretrained(save_torch)
+            shutil.copy(base / "tokenizer.json", save_torch / "tokenizer.json")
+            _write_json(save_torch / FIT_RECORD, fit_record)
+        quantization, parity = _int8(model, tok, splits, fit_cfg.seed, out)
+
+        tok.no_truncation()
+        tok.save(str(out / "tokenizer.json"))
+        config = model.config.to_dict()
+        config.update({"name": name or out.name, "max_length": max_length, "_name_or_path": base_name})
+        _write_json(out / "config.json", config)
+        routes: dict[str, Any] = {"categories": categories, "threshold": 0.0, "fallback_labels": fallback}
+        _write_json(out / "routes.json", routes)
+
+        _step("choosing the fallback threshold on validation, then scoring the test split once")
+        seed_everything(fit_cfg.seed)
+        bundle = load_bundle(out)
+        classifier = Classifier(bundle)
+        router = Router(bundle.routes, bundle.labels, Settings())
+        val = evaluate.score(classifier, router, splits.val) if splits.val else None
+        if threshold is not None:
+            routes["threshold"] = threshold
+        else:
+            tuning = val if val is not None else evaluate.score(classifier, router, splits.train)
+            routes["threshold"] = evaluate.choose_threshold(tuning, oos_weight)
+        _write_json(out / "routes.json", routes)
+
+        bundle = load_bundle(out)
+        test = evaluate.score(Classifier(bundle), router, splits.test)  # the only time test is looked at
+        result = {
+            "model": bundle.model_id,
+            "base": base_name,
+            "data": {
+                "file": data.name,
+                "train": len(splits.train),
+                "val": len(splits.val),
+                "test": len(splits.test),
+                "labels": len(labels),
+                "added_to_train": {p.name: len(extra) for p, extra in added.items()},
+                "val_in_training": train_on_val,
+            },
+            "protocol": _protocol(splits, selection),
+            "fit": fit_record,
+            "quantization": asdict(quantization),
+            "parity": asdict(parity),
+            "threshold": {
+                "value": routes["threshold"],
+                "chosen_on": "given" if threshold is not None else "val" if val is not None else "train",
+                "oos_weight": oos_weight,
+            },
+            "validation": evaluate.metrics(val, routes["threshold"]) if val is not None else None,
+            "test": evaluate.metrics(test, routes["threshold"]),
+        }
+    _write_json(out / "metrics.json", result)
+    (out / "README.md").write_text(model_card(result, splits, categories), encoding="utf-8")
+    return result
+
+
+def _step(what: str) -> None:
+    """One line per stage after fitting (fitting has its own bars); details go to the log."""
+    Console().print(f"[bold]{what}[/] (library output: {TRAIN_LOG})")
+
+
+def _model(
+    base: Path,
+    splits: Splits,
+    labels: list[str],
+    fit_cfg: FitConfig,
+    fallback: list[str],
+    average_of: list[Path] | None,
+) -> tuple[PreTrainedModel, Tokenizer, dict[str, Any]]:
+    """Fit on the training split, or average already fitted checkpoints; and how it was made."""
+    if average_of:
+        _step(f"averaging {len(average_of)} checkpoint(s)")
+        model, tok = average(average_of, labels)
+        return model, tok, {"average_of": [_ingredient(p) for p in average_of]}
+    started = time.perf_counter()
+    model, tok = fit(base, splits.train, labels, fit_cfg, frozenset(fallback))
+    return model, tok, {**asdict(fit_cfg), "seconds": round(time.perf_counter() - started, 1)}
+
+
+def _int8(model: PreTrainedModel, tok: Tokenizer, splits: Splits, seed: int, out: Path) -> tuple[Quantization, Parity]:
+    """Export, quantize (ranges from a seeded sample of training texts, agreement checked on
+    validation) and check parity with PyTorch, writing `out/model.onnx`."""
+    _step("exporting to ONNX and quantizing to int8")
     check = [e.text for e in (splits.val or splits.train)]
-    sample = random.Random(fit_cfg.seed).sample(splits.train, min(CALIBRATION_TEXTS, len(splits.train)))
+    sample = random.Random(seed).sample(splits.train, min(CALIBRATION_TEXTS, len(splits.train)))
     calibration = [e.text for e in sample]
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, silenced(out / TRAIN_LOG):
         exported = Path(tmp) / "model.fp32.onnx"
         export(model, tok, exported)
         fused = fuse(exported, Path(tmp) / "model.fused.onnx", model)
         quantization = quantize(fused, out / "model.onnx", tok, calibration, check)
         parity = check_parity(model, tok, fused, out / "model.onnx", check[:PARITY_TEXTS])
-
-    tok.no_truncation()
-    tok.save(str(out / "tokenizer.json"))
-    config = model.config.to_dict()
-    config.update({"name": name or out.name, "max_length": max_length, "_name_or_path": base_name})
-    _write_json(out / "config.json", config)
-    routes: dict[str, Any] = {"categories": categories, "threshold": 0.0, "fallback_labels": fallback}
-    _write_json(out / "routes.json", routes)
-
-    seed_everything(fit_cfg.seed)
-    bundle = load_bundle(out)
-    classifier = Classifier(bundle)
-    router = Router(bundle.routes, bundle.labels, Settings())
-    val = evaluate.score(classifier, router, splits.val) if splits.val else None
-    if threshold is not None:
-        routes["threshold"] = threshold
-    else:
-        tuning = val if val is not None else evaluate.score(classifier, router, splits.train)
-        routes["threshold"] = evaluate.choose_threshold(tuning, oos_weight)
-    _write_json(out / "routes.json", routes)
-
-    bundle = load_bundle(out)
-    test = evaluate.score(Classifier(bundle), router, splits.test)  # the only time test is looked at
-    result = {
-        "model": bundle.model_id,
-        "base": base_name,
-        "data": {
-            "file": data.name,
-            "train": len(splits.train),
-            "val": len(splits.val),
-            "test": len(splits.test),
-            "labels": len(labels),
-            "added_to_train": {p.name: len(extra) for p, extra in added.items()},
-            "val_in_training": train_on_val,
-        },
-        "protocol": _protocol(splits, selection),
-        "fit": fit_record,
-        "quantization": asdict(quantization),
-        "parity": asdict(parity),
-        "threshold": {
-            "value": routes["threshold"],
-            "chosen_on": "given" if threshold is not None else "val" if val is not None else "train",
-            "oos_weight": oos_weight,
-        },
-        "validation": evaluate.metrics(val, routes["threshold"]) if val is not None else None,
-        "test": evaluate.metrics(test, routes["threshold"]),
-    }
-    _write_json(out / "metrics.json", result)
-    (out / "README.md").write_text(model_card(result, splits, categories), encoding="utf-8")
-    return result
+    return quantization, parity
 
 
 def _protocol(splits: Splits, selection: str | None) -> dict[str, Any]:

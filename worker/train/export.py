@@ -11,9 +11,7 @@ same alone or in any batch, and the per-call range pass disappears (bench/NOTES.
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +19,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 from onnxruntime.transformers import optimizer
 from onnxruntime.transformers.fusion_options import FusionOptions
 from tokenizers import Tokenizer
@@ -29,6 +26,7 @@ from transformers import PreTrainedModel
 
 from worker.errors import ModelError
 from worker.model.classifier import softmax
+from worker.train import int8
 from worker.train.finetune import encode_batch, predict_proba
 
 OPSET = 18
@@ -76,7 +74,7 @@ def export(model: PreTrainedModel, tok: Tokenizer, fp32_path: Path) -> None:
     sample = encode_batch(tok, ["a short query", "a somewhat longer query to export with"])
     batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
     torch.onnx.export(
-        _LogitsOnly(model.eval()),
+        _LogitsOnly(model).eval(),  # the wrapper too: a new Module starts in training mode
         tuple(sample[n] for n in INPUTS),
         str(fp32_path),
         input_names=list(INPUTS),
@@ -125,20 +123,11 @@ class Quantization:
     kept_fp32: list[str] = field(default_factory=list)
 
 
-class _Batches(CalibrationDataReader):  # type: ignore[misc]  # onnxruntime ships no type hints
+def _batches(tok: Tokenizer, texts: Sequence[str]) -> Iterator[dict[str, np.ndarray]]:
     """Training texts in length-sorted batches, fed to the fp32 model to record activation ranges."""
-
-    def __init__(self, tok: Tokenizer, texts: Sequence[str]) -> None:
-        ordered = sorted(texts, key=len)
-        self._batches = iter(
-            [
-                {k: v.numpy() for k, v in encode_batch(tok, ordered[i : i + CALIBRATION_BATCH]).items()}
-                for i in range(0, len(ordered), CALIBRATION_BATCH)
-            ]
-        )
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self._batches, None)
+    ordered = sorted(texts, key=len)
+    for i in range(0, len(ordered), CALIBRATION_BATCH):
+        yield {k: v.numpy() for k, v in encode_batch(tok, ordered[i : i + CALIBRATION_BATCH]).items()}
 
 
 def quantize(
@@ -149,47 +138,34 @@ def quantize(
     check: Sequence[str],
     min_agreement: float = MIN_INT8_AGREEMENT,
 ) -> Quantization:
-    """Static int8 (QDQ; per-tensor; MinMax ranges of the matrix products' inputs, recorded on
-    `calibration`, which must be training texts; the embedding tables as int8 weights). If the
-    int8 model keeps fp32's argmax on fewer than `min_agreement` of `check` (validation texts),
-    the fewest most sensitive MatMuls that restore it are left in fp32
-    (`_least_harmful_fp32_set`)."""
+    """Static int8 in operator form (`worker.train.int8`: per-column int8 weights, per-tensor
+    uint8 activations with MinMax ranges recorded on `calibration`, which must be training texts;
+    the embedding tables as int8). If the int8 model keeps fp32's argmax on fewer than
+    `min_agreement` of `check` (validation texts), the fewest most sensitive weight products that
+    restore it are left in fp32 (`_least_harmful_fp32_set`)."""
     reference = _onnx_proba(fp32_path, tok, list(check))
-    graph = onnx.load(str(fp32_path), load_external_data=False).graph
-    nodes = [n.name for n in graph.node if n.op_type == "MatMul"]
-    gathers = [n.name for n in graph.node if n.op_type == "Gather"]
-    with tempfile.TemporaryDirectory() as tmp:
-        ranges = Path(tmp) / "ranges.json"
+    fp32 = onnx.load(str(fp32_path))
+    nodes = [p.node for p in int8.weight_products(fp32)]
+    ranges = int8.calibrate(fp32, _batches(tok, calibration))
 
-        def build(quantized: list[str], texts: Sequence[str] = check) -> np.ndarray:
-            if not quantized:  # onnxruntime reads an empty list as "all nodes"
-                shutil.copy(fp32_path, int8_path)
-                return _onnx_proba(int8_path, tok, list(texts))
-            quantize_static(
-                str(fp32_path),
-                str(int8_path),
-                _Batches(tok, calibration),
-                quant_format=QuantFormat.QDQ,
-                op_types_to_quantize=["MatMul", "Gather"],  # Gather: the embedding tables, 3/5 of the bytes
-                nodes_to_quantize=quantized + gathers,
-                per_channel=False,
-                activation_type=QuantType.QUInt8,
-                weight_type=QuantType.QInt8,
-                calibrate_method=CalibrationMethod.MinMax,
-                calibration_cache_path=ranges,
-            )
-            return _onnx_proba(int8_path, tok, list(texts))
+    def build(quantized: list[str], texts: Sequence[str] = check) -> np.ndarray:
+        keep = [n for n in nodes if n not in quantized]
+        onnx.save(int8.rewrite(fp32, ranges, keep_fp32=keep), str(int8_path))
+        return _onnx_proba(int8_path, tok, list(texts))
 
-        def agreement(kept_fp32: list[str]) -> float:
-            quantized = [n for n in nodes if n not in kept_fp32]
-            return float((build(quantized).argmax(1) == reference.argmax(1)).mean())
+    def agreement(kept_fp32: list[str]) -> float:
+        quantized = [n for n in nodes if n not in kept_fp32]
+        return float((build(quantized).argmax(1) == reference.argmax(1)).mean())
 
-        kept: list[str] = []
-        if agreement([]) < min_agreement:
-            kept = _least_harmful_fp32_set(nodes, build, reference, list(check), agreement, min_agreement)
-        final = agreement(kept)
+    kept: list[str] = []
+    if agreement([]) < min_agreement:
+        kept = _least_harmful_fp32_set(nodes, build, reference, list(check), agreement, min_agreement)
+    final = agreement(kept)
     return Quantization(
-        method="static int8, QDQ: MatMul inputs per-tensor with MinMax ranges, embedding tables",
+        method=(
+            "static int8, operator form: QuantizeLinear + MatMulIntegerToFloat, weights per column, "
+            "activations per tensor with MinMax ranges, embedding tables"
+        ),
         calibration_texts=len(calibration),
         checked=len(check),
         int8_argmax_agreement=final,
