@@ -1,16 +1,40 @@
-# syntax=docker/dockerfile:1
 # classify-worker: slim, non-root, read-only-root-filesystem friendly, default model inside.
+# `make image` builds it with docker or podman and prints its name (classify-worker:<version>).
+#
+# BASE_IMAGE: any Debian-like image whose `python` is CPython >= 3.11 with the venv module, and
+# which has groupadd/useradd. `make image` uses the default when it is there or can be pulled, else
+# a base built from Debian's packages (debootstrap minbase + Debian's python3; deploy/image/build.sh).
+# No `# syntax=` line: BuildKit would have to pull that frontend from a registry.
+ARG BASE_IMAGE=docker.io/library/python:3.11-slim
 
-FROM python:3.11-slim AS build
-ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+# The runtime requirements alone, read from pyproject.toml: the install layer below is reused
+# until they change, whatever else changes in pyproject.toml or the code.
+FROM ${BASE_IMAGE} AS requirements
 WORKDIR /src
+COPY pyproject.toml ./
+RUN python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" \
+    > requirements.txt
+
+# pip steps: the build secret `pip-cert` (optional) is a CA bundle for networks that intercept TLS;
+# `make image` passes the host's. Mounted for the step only, it is never stored in a layer.
+FROM ${BASE_IMAGE} AS build
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
+COPY --from=requirements /src/requirements.txt /tmp/requirements.txt
+RUN --mount=type=secret,id=pip-cert \
+    if [ -s /run/secrets/pip-cert ]; then export PIP_CERT=/run/secrets/pip-cert; fi \
+ && /opt/venv/bin/pip install -q -r /tmp/requirements.txt
+WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY worker ./worker
-RUN /opt/venv/bin/pip install . \
- && /opt/venv/bin/python -m compileall -q /opt/venv/lib
+# pip and setuptools are build tools: a worker never installs anything, so they stay out of the image.
+RUN --mount=type=secret,id=pip-cert \
+    if [ -s /run/secrets/pip-cert ]; then export PIP_CERT=/run/secrets/pip-cert; fi \
+ && /opt/venv/bin/pip install -q --no-deps . \
+ && /opt/venv/bin/pip uninstall -q -y pip setuptools \
+ && python -m compileall -q /opt/venv/lib
 
-FROM python:3.11-slim AS runtime
+FROM ${BASE_IMAGE} AS runtime
 LABEL org.opencontainers.image.title="classify-worker" \
       org.opencontainers.image.description="Streaming classification worker for model routing on Kafka" \
       org.opencontainers.image.licenses="Apache-2.0"
