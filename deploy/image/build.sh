@@ -62,6 +62,9 @@ debootstrap_base() {
   tar --numeric-owner --exclude='./dev/*' --exclude='./proc/*' --exclude='./sys/*' \
     -C "$root" -cf "$TARBALL.part" .
   mv "$TARBALL.part" "$TARBALL"
+  rm -rf "$root"
+  trap - EXIT
+  say "base file system cached after $(($(date +%s) - started)) s"
 }
 
 local_base() {
@@ -92,6 +95,18 @@ if ! has_image "$base"; then
   fi
 fi
 
+# Unchanged inputs (build context, Dockerfile, this script, the base) and the image still there:
+# nothing to build. Worth it with vfs, where even a fully cached build takes a minute or more.
+inputs=$( (find Dockerfile .dockerignore pyproject.toml README.md worker devkit deploy/image -type f \
+  ! -path '*/__pycache__/*' -print0 | sort -z | xargs -0 sha256sum; "$OCI" image inspect --format '{{.Id}}' "$base") \
+  | sha256sum | cut -c1-64)
+stamp=$CACHE/$(echo "$image" | tr ':/' '__').inputs
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$inputs $("$OCI" image inspect --format '{{.Id}}' "$image" 2>/dev/null)" ]; then
+  say "$image is up to date (inputs unchanged since it was built)"
+  echo "$image"
+  exit 0
+fi
+
 # The CA bundle pip uses here goes into the build as a secret (see the Dockerfile): on a network
 # that intercepts TLS, pip inside the build trusts what pip outside it trusts.
 secret=()
@@ -100,8 +115,9 @@ ca=${PIP_CERT:-${REQUESTS_CA_BUNDLE:-${SSL_CERT_FILE:-/etc/ssl/certs/ca-certific
 
 say "building $image on $base with $("$OCI" --which)"
 # host network: the build installs the runtime requirements from PyPI
-"$OCI" build --network host --target runtime --build-arg "BASE_IMAGE=$base" "${secret[@]}" \
-  --label "org.opencontainers.image.version=$version" --label "org.opencontainers.image.base.name=$base" \
-  -t "$image" . >&2
+"$OCI" build --network host --target runtime --build-arg "BASE_IMAGE=$base" --build-arg "VERSION=$version" \
+  "${secret[@]}" -t "$image" . >&2
+mkdir -p "$CACHE"
+echo "$inputs $("$OCI" image inspect --format '{{.Id}}' "$image")" >"$stamp"
 say "built $image in $(($(date +%s) - started)) s"
 echo "$image"
