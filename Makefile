@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
 .DEFAULT_GOAL := help
-.PHONY: help demo test test-unit chaos soak lint bench schemas clean kafka
+.PHONY: help demo test test-unit chaos soak lint bench schemas clean kafka image image-test
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -58,7 +58,7 @@ test: $(VENV)/.dev .tools/helm $(KAFKA_LIBS)/.fetched $(NODE_DEPS) ## the whole 
 	$(PY) -m pytest
 
 test-unit: $(VENV)/.dev ## unit tests only (no broker)
-	$(PY) -m pytest -m "not integration"
+	$(PY) -m pytest -m "not integration and not extended"
 
 chaos: $(VENV)/.dev $(KAFKA_LIBS)/.fetched ## chaos test with 100,000 messages, the fault-proxy tests and the 3-broker cluster test
 	CHAOS_MESSAGES=100000 $(PY) -m pytest -m chaos -s
@@ -67,9 +67,18 @@ SOAK_MINUTES ?= 30
 soak: $(VENV)/.dev $(KAFKA_LIBS)/.fetched ## half load for SOAK_MINUTES (30) with kills and a broker freeze; memory watched
 	SOAK_MINUTES=$(SOAK_MINUTES) $(PY) -m pytest -m soak -s
 
+# The container image, with docker where a daemon answers, else podman (installed from Debian's
+# packages when missing); on a Debian base built with debootstrap when no registry can be reached.
+image: ## build the container image; prints its name, classify-worker:<version>
+	@bash deploy/image/build.sh
+
+image-test: $(VENV)/.dev $(KAFKA_LIBS)/.fetched ## build the image, then run it: read-only, as a worker on a test Kafka, healthcheck, size budget
+	image=$$(bash deploy/image/build.sh) && CLASSIFY_IMAGE=$$image $(PY) -m pytest tests/image -m image -s
+
 lint: $(VENV)/.dev ## ruff + mypy (strict on worker/ and devkit/)
 	$(VENV)/bin/ruff check worker devkit tests bench
 	$(VENV)/bin/ruff format --check worker devkit tests bench
+	bash -n deploy/image/oci.sh deploy/image/build.sh .ci/run
 	$(VENV)/bin/mypy
 
 bench: $(VENV)/.dev $(KAFKA_LIBS)/.fetched ## benchmarks; results, table and plots in bench/results/
