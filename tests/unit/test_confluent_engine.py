@@ -532,6 +532,27 @@ def test_lost_partitions_are_not_counted_as_delivery_failures(engine: ConfluentE
     assert not _sample(hooks, "classify_batch_failures_total", {"stage": "delivery"})  # None, or 0 once pre-labelled
 
 
+def test_partitions_lost_right_after_a_commit_abort_without_a_fatal_error(engine: ConfluentEngine) -> None:
+    # Given a broker just back from a freeze, slow to write the last commit's markers: the next
+    # transaction's partitions are still being registered (soak run: both workers exited 1 with
+    # INVALID_TXN_STATE here, 330 ms after `partitions lost`)
+    producer, consumer = TxnProducer(), FakeConsumer()
+    producer.slow_markers = True
+    engine.consumer, engine.producer = consumer, producer  # type: ignore[assignment]
+    engine.delivery = Transactional(producer, consumer, engine.settings, _UnitIds("u"))  # type: ignore[arg-type]
+    engine._assigned = {(TOPIC, 0), (TOPIC, 1)}
+    engine.delivery.add(_batch(0, 1))
+    assert engine._commit_if(True)
+    engine.delivery.add(_batch(0, 2, 3))
+    # When the consumer finds its session timed out and its partitions lost
+    engine._on_lost(consumer, [TopicPartition(TOPIC, 0)])  # type: ignore[arg-type]
+    # Then the open transaction was drained (its partitions registered) and aborted; the worker goes on
+    assert engine._fatal is None, engine._fatal
+    assert producer.calls[-2:] == ["flush", "abort"], producer.calls
+    assert not engine.delivery.held() and not producer.open
+    assert producer.committed_offsets == [(TOPIC, 0, 2)], "only the first unit committed"
+
+
 def test_a_commit_is_timed(engine: ConfluentEngine) -> None:
     hooks = _prometheus(engine)
     producer, consumer = FakeProducer(), FakeConsumer()

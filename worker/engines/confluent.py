@@ -78,6 +78,11 @@ CLASSIFIER_STUCK_S = 30.0
 #: (`Hooks.on_stalled`) and the orchestrator restarts it. Above what a broker freeze inside the
 #: transaction timeout costs a resumed commit (a 30 s call timeout, then the resumed call).
 PROGRESS_STUCK_S = 60.0
+#: Longest wait for an aborted unit's records to reach their partitions before the abort (see
+#: `Transactional.abort`): the coordinator writes a commit's markers in well under a second
+#: once it answers again; bounded so a transaction already failed (its records never sent)
+#: delays its abort by no more than this.
+ABORT_DRAIN_S = 5.0
 
 
 def to_record(m: Message) -> Record:
@@ -364,8 +369,17 @@ class Transactional:
 
     def abort(self) -> Committed:
         """Abort the open transaction (an abort that timed out is resumed, never left behind:
-        librdkafka would refuse every other call until it completes)."""
+        librdkafka would refuse every other call until it completes).
+
+        The unit's records are drained first (bounded): librdkafka sends `EndTxn(abort)` as soon
+        as it has *asked* to add a partition, even while the coordinator still answers that
+        `AddPartitionsToTxn` with CONCURRENT_TRANSACTIONS (the last commit's markers not yet
+        written: seen just after a broker freeze, when lost partitions abort the unit opened
+        right after a commit). The coordinator then finds the last transaction complete and
+        answers INVALID_TXN_STATE, which librdkafka makes fatal (librdkafka#4849). A record is
+        sent only once its partition is in the transaction, so a drained unit is registered."""
         if self._unit is not None:
+            self._producer.flush(ABORT_DRAIN_S)  # whatever is left undelivered is purged by the abort
             try:
                 retry_call(lambda: self._producer.abort_transaction(CALL_TIMEOUT_S), self._window_s, self._tick)
             except KafkaException as e:
