@@ -177,6 +177,54 @@ def test_at_least_once_delivery_failure_is_raised_at_the_commit(tiny_bundle: Pat
     assert consumer.commits == [], "nothing committed past an undelivered output"
 
 
+class CoordinatorAwayConsumer(FakeConsumer):
+    """Its offset commits fail as they do while the group coordinator moves or reloads (the
+    broker just restarted): `NOT_COORDINATOR`, `failures` times, then succeed."""
+
+    def __init__(self, failures: int, code: int = KafkaError.NOT_COORDINATOR) -> None:
+        super().__init__()
+        self.failures, self.code = failures, code
+
+    def commit(self, offsets: list[TopicPartition], asynchronous: bool) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise KafkaException(KafkaError(self.code, "Commit failed: Broker: Not coordinator"))
+        super().commit(offsets, asynchronous)
+
+
+def test_at_least_once_keeps_acknowledged_batches_while_the_coordinator_is_away(tiny_bundle: Path) -> None:
+    # Given two acknowledged batches and a group coordinator that is not there yet (chaos run:
+    # 576 acknowledged messages rewound on one such error after the broker restarted, all re-delivered)
+    producer, consumer = FakeProducer(), CoordinatorAwayConsumer(failures=2)
+    alo = AtLeastOnce(producer, consumer, _settings(tiny_bundle), _UnitIds("u"))  # type: ignore[arg-type]
+    alo.add(_batch(0, 0, 1))
+    alo.add(_batch(1, 0))
+    producer.ack(3)
+    # When the commit fails twice, then succeeds
+    assert alo.commit(final=False) is None
+    assert alo.commit(final=False) is None
+    # Then nothing was dropped for a rewind: the same batches commit once the coordinator answers
+    assert len(alo.held()) == 2
+    done = alo.commit(final=False)
+    assert done is not None and len(done.batches) == 2
+    assert consumer.commits == [[(TOPIC, 0, 2), (TOPIC, 1, 1)]]
+    # But a final commit (partitions revoked, or stopping) that fails is not deferred
+    alo.add(_batch(0, 2))
+    producer.ack(1)
+    consumer.failures = 1
+    with pytest.raises(DeliveryError, match="offset commit failed"):
+        alo.commit(final=True)
+
+
+def test_at_least_once_rewinds_when_the_group_generation_is_gone(tiny_bundle: Path) -> None:
+    producer, consumer = FakeProducer(), CoordinatorAwayConsumer(failures=1, code=KafkaError.ILLEGAL_GENERATION)
+    alo = AtLeastOnce(producer, consumer, _settings(tiny_bundle), _UnitIds("u"))  # type: ignore[arg-type]
+    alo.add(_batch(0, 0, 1))
+    producer.ack(2)
+    with pytest.raises(DeliveryError, match="offset commit failed"):
+        alo.commit(final=False)
+
+
 def test_an_abort_that_timed_out_is_called_again_before_the_next_transaction(
     tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -170,6 +170,22 @@ class Delivery(Protocol):
 
 DeliveryCallback = Callable[[KafkaError | None, Message], None]
 
+#: Offset-commit errors that say the group coordinator is moving, loading or unreachable (a
+#: broker restart or failover), not that our generation is gone: at-least-once keeps its
+#: acknowledged batches and commits them at the next interval instead of rewinding them.
+COORDINATOR_AWAY = frozenset(
+    {
+        KafkaError.NOT_COORDINATOR,
+        KafkaError.COORDINATOR_NOT_AVAILABLE,
+        KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+        KafkaError.REQUEST_TIMED_OUT,
+        KafkaError.NETWORK_EXCEPTION,
+        KafkaError._TIMED_OUT,
+        KafkaError._TRANSPORT,
+        KafkaError._WAIT_COORD,
+    }
+)
+
 
 def _source_of(out: Outgoing) -> tuple[str, int, int, str]:
     return (out.source.topic, out.source.partition, out.source.offset, out.topic)
@@ -394,7 +410,8 @@ class Transactional:
 
 class AtLeastOnce:
     """Asynchronous produce; offsets committed at the interval up to the last micro-batch whose
-    outputs were all acknowledged, in order (so per partition in order too)."""
+    outputs were all acknowledged, in order (so per partition in order too). An offset commit
+    the coordinator cannot take now (`COORDINATOR_AWAY`) is tried again at the next interval."""
 
     def __init__(
         self, producer: Producer, consumer: Consumer, settings: Settings, ids: _UnitIds, sender: Sender | None = None
@@ -456,7 +473,12 @@ class AtLeastOnce:
         try:
             self._consumer.commit(offsets=next_offsets(r for b in acked for r in b.records), asynchronous=False)
         except KafkaException as e:
-            _raise_delivery(e, "offset commit failed")
+            err = kafka_error(e)
+            if final or err.code() not in COORDINATOR_AWAY:  # final: the partitions move now, drop them
+                _raise_delivery(e, "offset commit failed")
+            # the outputs are acknowledged: rewinding would only write them twice; commit later
+            log.warning("offset commit deferred", extra={"error": err.str(), "batches": len(acked)})
+            return None
         for batch in acked:
             self._batches.popleft()
             self._bytes -= batch.inbound_bytes
