@@ -601,6 +601,17 @@ def test_partitions_lost_right_after_a_commit_abort_without_a_fatal_error(engine
     assert producer.committed_offsets == [(TOPIC, 0, 2)], "only the first unit committed"
 
 
+def test_an_abort_on_a_fatally_failed_producer_is_fatal_not_a_crash(tiny_bundle: Path) -> None:
+    class Fenced(TxnProducer):
+        def flush(self, _timeout: float = 0) -> int:
+            raise KafkaException(KafkaError(KafkaError._FENCED, "fenced by a newer producer", fatal=True))
+
+    tx = Transactional(Fenced(), FakeConsumer(), _txn_settings(tiny_bundle), _UnitIds("u"))  # type: ignore[arg-type]
+    tx.add(_batch(0, 1))
+    with pytest.raises(FatalDeliveryError, match="fenced"):
+        tx.abort()
+
+
 def test_a_commit_is_timed(engine: ConfluentEngine) -> None:
     hooks = _prometheus(engine)
     producer, consumer = FakeProducer(), FakeConsumer()

@@ -395,7 +395,10 @@ class Transactional:
         answers INVALID_TXN_STATE, which librdkafka makes fatal (librdkafka#4849). A record is
         sent only once its partition is in the transaction, so a drained unit is registered."""
         if self._unit is not None:
-            self._producer.flush(ABORT_DRAIN_S)  # whatever is left undelivered is purged by the abort
+            try:  # whatever is left undelivered is purged by the abort
+                self._producer.flush(ABORT_DRAIN_S)
+            except KafkaException as e:  # a fatally failed producer raises its error again: no abort to make
+                raise FatalDeliveryError(f"abort_transaction failed: {kafka_error(e).str()}") from e
             try:
                 retry_call(lambda: self._producer.abort_transaction(CALL_TIMEOUT_S), self._window_s, self._tick)
             except KafkaException as e:
