@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from confluent_kafka import ConsumerGroupTopicPartitions, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec  # type: ignore[attr-defined]
 
 from worker.config import Settings
@@ -41,6 +41,8 @@ class Housekeeping:
         self._hooks = hooks
         self._assigned = assigned
         self.admin: AdminClient = admin_client(settings)
+        #: Reads the group's committed offsets; made on first use, never subscribes (see `_committed`).
+        self.offsets: Consumer | None = None
         self._wake = threading.Event()
         self._stopped = threading.Event()
         self._topics_now = False
@@ -54,6 +56,8 @@ class Housekeeping:
         self._wake.set()
         if self._thread.ident is not None:  # started (run may fail before it starts)
             self._thread.join(HOUSEKEEPING_JOIN_S)  # a daemon: an admin call stuck on a down broker is abandoned
+        if self.offsets is not None and not self._thread.is_alive():  # never close a client in use
+            self.offsets.close()
 
     def check_topics_soon(self) -> None:
         self._topics_now = True
@@ -99,15 +103,24 @@ class Housekeeping:
         futures = self.admin.list_offsets({tp: spec for tp in tps}, request_timeout=ADMIN_TIMEOUT_S)
         return {(tp.topic, tp.partition): f.result().offset for tp, f in futures.items()}
 
+    def _committed(self, tps: list[TopicPartition]) -> dict[tuple[str, int], int]:
+        """The group's committed offsets, asked of its coordinator by a consumer of the group
+        that never joins it. Not the admin client's `list_consumer_group_offsets`: librdkafka
+        2.16 crashes the process (SIGSEGV in `rd_kafka_cgrp_op`, called with the admin client's
+        NULL group handle from `rd_kafka_handle_OffsetFetch`) when that answer carries a
+        coordinator error, as when a broker of the cluster restarts (core dump, docs/reliability.md)."""
+        if self.offsets is None:
+            self.offsets = Consumer(self._settings.librdkafka_consumer())
+        found = self.offsets.committed(tps, timeout=ADMIN_TIMEOUT_S)
+        return {(tp.topic, tp.partition): tp.offset for tp in found}
+
     def report_lag(self) -> None:
         """High watermark minus the group's committed offset, both read from the broker."""
         tps = [TopicPartition(t, p) for t, p in sorted(self._assigned())]
         if not tps:
             return
         try:
-            group = ConsumerGroupTopicPartitions(self._settings.kafka.group_id, tps)
-            fut = self.admin.list_consumer_group_offsets([group], request_timeout=ADMIN_TIMEOUT_S)
-            committed = {(tp.topic, tp.partition): tp.offset for tp in fut[group.group_id].result().topic_partitions}
+            committed = self._committed(tps)
             highs = self._offsets(tps, OffsetSpec.latest())  # type: ignore[no-untyped-call]
             # nothing committed yet (-1001): the group starts from the log start, not from 0
             fresh = [tp for tp in tps if committed.get((tp.topic, tp.partition), -1) < 0]

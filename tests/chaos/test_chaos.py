@@ -32,7 +32,7 @@ from confluent_kafka import Consumer, IsolationLevel, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from devkit.apache_kafka import LocalKafka
-from devkit.toolkit import Sent, produce, read_outputs, start_worker, stop_worker
+from devkit.toolkit import Output, Sent, produce, read_outputs, start_worker, stop_worker
 from tests.support import scenario
 from tests.support.kafka import Broker, TopicSet, create_topic
 
@@ -240,7 +240,16 @@ def test_crashes_rebalances_zombies_and_broker_faults_lose_nothing(
     counts = Counter(r.key for r in received)
     dups = sum(n - 1 for n in counts.values() if n > 1)
     print(f"\n{delivery}: {MESSAGES} messages, events {run.events}, received {len(received)}, duplicated {dups}")
+    if dups:  # which worker process wrote the copies of re-delivered ids (instance:nonce of `route.batch`)
+        writers = Counter(_writer(r) for r in received if counts[r.key] > 1)
+        print(f"copies of re-delivered ids by writer process: {dict(writers.most_common())}; logs in {tmp_path}")
     scenario.check(received, expected, run.topics.prefix, run.topics.dlq, exactly_once=delivery == "exactly_once")
     assert sent, "the input producer failed: see the thread's exception above"
     assert run.committed() == sent[0].ends, "group's committed offsets must equal the input end offsets"
     assert open_transactions(broker.bootstrap, outputs) == [], "an output partition still has an open transaction"
+
+
+def _writer(output: Output) -> str:
+    """The worker process that wrote an output: `instance:nonce` of its `route.batch` unit id."""
+    unit = (output.headers.get("route.batch") or b"").decode()
+    return unit.rsplit(":", 1)[0]

@@ -36,6 +36,10 @@ class TxnProducer:
         self.abortable_commits = 0
         #: Delivery errors to report for the next records produced to these topics (a broker-side refusal).
         self.refuse_topics: dict[str, KafkaError] = {}
+        #: The broker is slow to write a commit's markers (just after a freeze): the next
+        #: transaction's partitions register only once its records are delivered (`flush`).
+        self.slow_markers = False
+        self._unregistered = False
         self._reports: list[tuple[Callable[..., None], KafkaError]] = []
 
     def _conflict(self, call: str) -> None:
@@ -68,6 +72,7 @@ class TxnProducer:
         if size > self.max_bytes:
             raise KafkaException(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE, "Broker: Message size too large"))
         self.calls.append("produce")
+        self._unregistered = self._unregistered or self.slow_markers
         self.pending.append((topic, key, value, list(headers or [])))
         refusal = self.refuse_topics.get(topic)
         if refusal is not None and on_delivery is not None:
@@ -96,7 +101,7 @@ class TxnProducer:
             raise KafkaException(
                 KafkaError(KafkaError._INCONSISTENT, "Failed to deliver messages", txn_requires_abort=True)
             )
-        self.in_progress, self.open = None, False
+        self.in_progress, self.open, self._unregistered = None, False, False  # it flushed first
         self.committed.extend(self.pending)
         self.committed_offsets.extend(self.pending_offsets)
         self.pending, self.pending_offsets = [], []
@@ -104,6 +109,12 @@ class TxnProducer:
     def abort_transaction(self, timeout: float) -> None:
         self._conflict("abort")
         self.calls.append("abort")
+        if self._unregistered:
+            # librdkafka sends EndTxn(abort) while AddPartitionsToTxn is still being retried
+            # (CONCURRENT_TRANSACTIONS); the coordinator, the last commit complete, refuses it
+            raise KafkaException(
+                KafkaError(KafkaError.INVALID_TXN_STATE, "Failed to end transaction: Broker: invalid state", fatal=True)
+            )
         if self.frozen_aborts > 0:
             self.frozen_aborts -= 1
             self.in_progress = "abort"
@@ -121,5 +132,7 @@ class TxnProducer:
         return len(reports)
 
     def flush(self, _timeout: float = 0) -> int:
+        self.calls.append("flush")
+        self._unregistered = False
         self.poll(0)
         return 0

@@ -78,6 +78,11 @@ CLASSIFIER_STUCK_S = 30.0
 #: (`Hooks.on_stalled`) and the orchestrator restarts it. Above what a broker freeze inside the
 #: transaction timeout costs a resumed commit (a 30 s call timeout, then the resumed call).
 PROGRESS_STUCK_S = 60.0
+#: Longest wait for an aborted unit's records to reach their partitions before the abort (see
+#: `Transactional.abort`): the coordinator writes a commit's markers in well under a second
+#: once it answers again; bounded so a transaction already failed (its records never sent)
+#: delays its abort by no more than this.
+ABORT_DRAIN_S = 5.0
 
 
 def to_record(m: Message) -> Record:
@@ -164,6 +169,22 @@ class Delivery(Protocol):
 
 
 DeliveryCallback = Callable[[KafkaError | None, Message], None]
+
+#: Offset-commit errors that say the group coordinator is moving, loading or unreachable (a
+#: broker restart or failover), not that our generation is gone: at-least-once keeps its
+#: acknowledged batches and commits them at the next interval instead of rewinding them.
+COORDINATOR_AWAY = frozenset(
+    {
+        KafkaError.NOT_COORDINATOR,
+        KafkaError.COORDINATOR_NOT_AVAILABLE,
+        KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+        KafkaError.REQUEST_TIMED_OUT,
+        KafkaError.NETWORK_EXCEPTION,
+        KafkaError._TIMED_OUT,
+        KafkaError._TRANSPORT,
+        KafkaError._WAIT_COORD,
+    }
+)
 
 
 def _source_of(out: Outgoing) -> tuple[str, int, int, str]:
@@ -364,8 +385,20 @@ class Transactional:
 
     def abort(self) -> Committed:
         """Abort the open transaction (an abort that timed out is resumed, never left behind:
-        librdkafka would refuse every other call until it completes)."""
+        librdkafka would refuse every other call until it completes).
+
+        The unit's records are drained first (bounded): librdkafka sends `EndTxn(abort)` as soon
+        as it has *asked* to add a partition, even while the coordinator still answers that
+        `AddPartitionsToTxn` with CONCURRENT_TRANSACTIONS (the last commit's markers not yet
+        written: seen just after a broker freeze, when lost partitions abort the unit opened
+        right after a commit). The coordinator then finds the last transaction complete and
+        answers INVALID_TXN_STATE, which librdkafka makes fatal (librdkafka#4849). A record is
+        sent only once its partition is in the transaction, so a drained unit is registered."""
         if self._unit is not None:
+            try:  # whatever is left undelivered is purged by the abort
+                self._producer.flush(ABORT_DRAIN_S)
+            except KafkaException as e:  # a fatally failed producer raises its error again: no abort to make
+                raise FatalDeliveryError(f"abort_transaction failed: {kafka_error(e).str()}") from e
             try:
                 retry_call(lambda: self._producer.abort_transaction(CALL_TIMEOUT_S), self._window_s, self._tick)
             except KafkaException as e:
@@ -380,7 +413,8 @@ class Transactional:
 
 class AtLeastOnce:
     """Asynchronous produce; offsets committed at the interval up to the last micro-batch whose
-    outputs were all acknowledged, in order (so per partition in order too)."""
+    outputs were all acknowledged, in order (so per partition in order too). An offset commit
+    the coordinator cannot take now (`COORDINATOR_AWAY`) is tried again at the next interval."""
 
     def __init__(
         self, producer: Producer, consumer: Consumer, settings: Settings, ids: _UnitIds, sender: Sender | None = None
@@ -442,7 +476,12 @@ class AtLeastOnce:
         try:
             self._consumer.commit(offsets=next_offsets(r for b in acked for r in b.records), asynchronous=False)
         except KafkaException as e:
-            _raise_delivery(e, "offset commit failed")
+            err = kafka_error(e)
+            if final or err.code() not in COORDINATOR_AWAY:  # final: the partitions move now, drop them
+                _raise_delivery(e, "offset commit failed")
+            # the outputs are acknowledged: rewinding would only write them twice; commit later
+            log.warning("offset commit deferred", extra={"error": err.str(), "batches": len(acked)})
+            return None
         for batch in acked:
             self._batches.popleft()
             self._bytes -= batch.inbound_bytes
