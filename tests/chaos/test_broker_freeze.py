@@ -27,7 +27,7 @@ from tests.support import scenario
 from tests.support.kafka import Broker, TopicSet, create_topic
 from worker.engines.confluent import PROGRESS_STUCK_S
 
-pytestmark = [pytest.mark.chaos, pytest.mark.integration]
+pytestmark = [pytest.mark.chaos, pytest.mark.integration, pytest.mark.extended]  # 2-3 min: `make chaos`
 
 PARTITIONS = 6
 MESSAGES = 6_000
