@@ -4,6 +4,7 @@ orchestrator that restarts any that exits, a paced input stream, and the verdict
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import threading
@@ -170,6 +171,17 @@ def open_transactions(bootstrap: str, topics: list[str]) -> list[str]:
     high = latest(IsolationLevel.READ_UNCOMMITTED)
     stable = latest(IsolationLevel.READ_COMMITTED)
     return [f"{tp.topic}[{tp.partition}] LSO {stable[tp]} < HW {high[tp]}" for tp in tps if stable[tp] < high[tp]]
+
+
+def freeze_broker(pid: int, seconds: float, note: Callable[[str], None]) -> None:
+    """SIGSTOP the broker for `seconds`, then SIGCONT it (whatever happens meanwhile)."""
+    os.kill(pid, signal.SIGSTOP)
+    note("broker SIGSTOP")
+    try:
+        time.sleep(seconds)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    note("broker SIGCONT")
 
 
 def wait_until(check: Callable[[], list[str]], timeout_s: float) -> list[str]:

@@ -23,6 +23,7 @@ import pytest
 
 from devkit.ports import free_port
 from devkit.toolkit import Output, produce, read_outputs, start_worker, stop_worker
+from tests.chaos.fleet import freeze_broker
 from tests.support import scenario
 from tests.support.kafka import Broker, TopicSet, create_topic
 from worker.engines.confluent import PROGRESS_STUCK_S
@@ -161,14 +162,8 @@ def test_a_40_s_broker_freeze_under_traffic_routes_everything_once_and_never_hid
         producer.start()
         time.sleep(FREEZE_AT_S)
         # When the broker is frozen for 40 s, then resumed
-        os.kill(kafka_pid, signal.SIGSTOP)
-        fleet.note("broker SIGSTOP")
-        try:
-            time.sleep(FREEZE_S)
-        finally:
-            os.kill(kafka_pid, signal.SIGCONT)
+        freeze_broker(kafka_pid, FREEZE_S, fleet.note)
         resumed_at = time.monotonic()
-        fleet.note("broker SIGCONT")
         producer.join(300)
         reader.join(RECOVERY_S + 60)
     finally:

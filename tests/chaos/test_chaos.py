@@ -28,11 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from confluent_kafka import Consumer, IsolationLevel, TopicPartition
-from confluent_kafka.admin import AdminClient, OffsetSpec
+from confluent_kafka import Consumer, TopicPartition
 
 from devkit.apache_kafka import LocalKafka
 from devkit.toolkit import Output, Sent, produce, read_outputs, start_worker, stop_worker
+from tests.chaos.fleet import freeze_broker, open_transactions
 from tests.support import scenario
 from tests.support.kafka import Broker, TopicSet, create_topic
 
@@ -153,38 +153,12 @@ class Run:
                 stop_worker(w, timeout_s=20)
 
 
-def open_transactions(bootstrap: str, topics: list[str]) -> list[str]:
-    """Output partitions whose last stable offset is behind the high watermark. The watermarks
-    are read first: records appended between the two reads can only raise the stable offset."""
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    meta = admin.list_topics(timeout=10).topics
-    tps = [TopicPartition(t, p) for t in topics if t in meta for p in meta[t].partitions]
-
-    def latest(isolation: IsolationLevel) -> dict[TopicPartition, int]:
-        futures = admin.list_offsets({tp: OffsetSpec.latest() for tp in tps}, isolation_level=isolation)
-        return {tp: f.result(30).offset for tp, f in futures.items()}
-
-    high = latest(IsolationLevel.READ_UNCOMMITTED)
-    stable = latest(IsolationLevel.READ_COMMITTED)
-    return [f"{tp.topic}[{tp.partition}] LSO {stable[tp]} < HW {high[tp]}" for tp in tps if stable[tp] < high[tp]]
-
-
 def _crash_broker(kafka: LocalKafka, run: Run) -> None:
     kafka.kill()
     run.note("broker kill -9")
     time.sleep(2.0)
     kafka.start()
     run.note("broker restarted on its data dir")
-
-
-def _freeze_broker(pid: int, run: Run) -> None:
-    os.kill(pid, signal.SIGSTOP)
-    run.note("broker SIGSTOP")
-    try:
-        time.sleep(FREEZE_S)
-    finally:
-        os.kill(pid, signal.SIGCONT)
-    run.note("broker SIGCONT")
 
 
 @pytest.mark.timeout(900)  # a loaded 2-core machine: ~3 min each when idle, much longer when not
@@ -224,7 +198,7 @@ def test_crashes_rebalances_zombies_and_broker_faults_lose_nothing(
         run.make_zombie("w2", outputs)
         if kafka is not None and kafka.pid is not None:
             run.wait_progress(0.64)
-            _freeze_broker(kafka.pid, run)
+            freeze_broker(kafka.pid, FREEZE_S, run.note)
             run.wait_progress(0.86)
             _crash_broker(kafka, run)
         producer.join(240)

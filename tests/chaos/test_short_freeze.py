@@ -18,12 +18,11 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.chaos.fleet import Feed, Fleet, verdict
+from tests.chaos.fleet import Feed, Fleet, freeze_broker, verdict
 from tests.support import scenario
 from tests.support.kafka import Broker
 
@@ -49,13 +48,7 @@ def test_a_15_s_broker_freeze_is_ridden_out_without_an_exit(broker: Broker, tiny
         feed = Feed(broker.bootstrap, fleet.topics.input, messages, RATE_PER_S).start()
         fleet.wait_progress(0.25, MESSAGES, timeout_s=180)
         # When the broker is frozen for 15 s, then resumed
-        os.kill(kafka_pid, signal.SIGSTOP)
-        fleet.note("broker SIGSTOP")
-        try:
-            time.sleep(FREEZE_S)
-        finally:
-            os.kill(kafka_pid, signal.SIGCONT)
-        fleet.note("broker SIGCONT")
+        freeze_broker(kafka_pid, FREEZE_S, fleet.note)
         sent = feed.join(240)
         fleet.wait_progress(1.0, MESSAGES, timeout_s=240)
     finally:

@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from devkit.ports import free_port
 from devkit.toolkit import read_outputs, start_worker
 from tests.support import scenario
-from tests.support.kafka import TopicSet, create_topic, produce, wait_for_log
+from tests.support.kafka import NEEDS_FAUST, TopicSet, create_topic, produce, wait_for_log
 
 pytestmark = pytest.mark.integration
 CATEGORIES = ["banking", "travel", "weather"]
@@ -45,14 +45,6 @@ def _processed(log: Path) -> int:
     raise AssertionError(f"worker did not stop cleanly:\n{log.read_text()[-3000:]}")
 
 
-def _faust_available() -> bool:
-    try:
-        import faust  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 ENGINES = [
     pytest.param("confluent", "exactly_once", id="confluent-exactly_once"),
     pytest.param("confluent", "at_least_once", id="confluent-at_least_once"),
@@ -60,7 +52,7 @@ ENGINES = [
         "faust",
         "at_least_once",
         id="faust",
-        marks=pytest.mark.skipif(not _faust_available(), reason="needs the [faust] extra"),
+        marks=NEEDS_FAUST,
     ),
 ]
 
@@ -199,7 +191,7 @@ def test_metrics_count_what_was_routed_and_sigterm_stops_cleanly(
             worker.kill()
 
 
-@pytest.mark.skipif(not _faust_available(), reason="needs the [faust] extra")
+@NEEDS_FAUST
 def test_faust_worker_killed_mid_stream_loses_nothing(kafka_bootstrap: str, tiny_bundle: Path, tmp_path: Path) -> None:
     # Given a Faust worker halfway through 3,000 messages
     topics = TopicSet.fresh()

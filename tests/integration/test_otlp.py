@@ -25,7 +25,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
 from devkit.toolkit import read_outputs, start_worker
-from tests.support.kafka import TopicSet, create_topic, produce
+from tests.support.kafka import NEEDS_FAUST, TopicSet, create_topic, produce
 from worker.tracing import parse_traceparent
 
 pytestmark = pytest.mark.integration
@@ -109,19 +109,11 @@ def _attrs(span: Span) -> dict[str, Any]:
     return {a.key: _value(a.value) for a in span.attributes}
 
 
-def _faust_available() -> bool:
-    try:
-        import faust  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 @pytest.mark.parametrize(
     "engine",
     [
         "confluent",
-        pytest.param("faust", marks=pytest.mark.skipif(not _faust_available(), reason="needs the [faust] extra")),
+        pytest.param("faust", marks=NEEDS_FAUST),
     ],
 )
 def test_traces_continue_through_the_worker_and_spans_reach_an_otlp_receiver(

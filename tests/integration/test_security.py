@@ -25,7 +25,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from devkit.toolkit import end_offsets, read_outputs, start_worker
 from tests.support import scenario
-from tests.support.kafka import TopicSet, produce, wait_for_log
+from tests.support.kafka import NEEDS_FAUST, TopicSet, produce, wait_for_log
 
 pytestmark = pytest.mark.integration
 CATEGORIES = ["banking", "travel", "weather"]
@@ -44,14 +44,6 @@ REFUSAL_MAX_LINES = 60
 #: The Faust engine's batch size in the ACL test: faust.topics warns once per message of the
 #: batch whose send was refused, so its output is bounded by this on top of REFUSAL_MAX_LINES.
 FAUST_BATCH = 20
-
-
-def _faust_available() -> bool:
-    try:
-        import faust  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 @pytest.fixture(scope="module")
@@ -286,9 +278,7 @@ def _misconfigurations(secured, tmp_path: Path) -> dict[str, tuple[dict[str, obj
 
 ENGINES = [
     pytest.param("confluent", id="confluent"),
-    pytest.param(
-        "faust", id="faust", marks=pytest.mark.skipif(not _faust_available(), reason="needs the [faust] extra")
-    ),
+    pytest.param("faust", id="faust", marks=NEEDS_FAUST),
 ]
 CASES = [
     "wrong password",
@@ -346,7 +336,7 @@ def test_plaintext_against_the_tls_listener_waits_with_a_slow_logged_hint(
     assert len(lines) < 15, "\n".join(lines)
 
 
-@pytest.mark.skipif(not _faust_available(), reason="needs the [faust] extra")
+@NEEDS_FAUST
 def test_faust_engine_routes_the_scenario_on_the_secured_listener(secured, tiny_bundle: Path, tmp_path: Path) -> None:
     from devkit.security import grant
 
@@ -374,7 +364,7 @@ def test_faust_engine_routes_the_scenario_on_the_secured_listener(secured, tiny_
     assert PASSWORD not in log.read_text()
 
 
-@pytest.mark.skipif(not _faust_available(), reason="needs the [faust] extra")
+@NEEDS_FAUST
 def test_faust_engine_names_a_missing_acl_and_loses_nothing(secured, tiny_bundle: Path, tmp_path: Path) -> None:
     from devkit.security import grant
 
@@ -412,7 +402,7 @@ def test_faust_engine_names_a_missing_acl_and_loses_nothing(secured, tiny_bundle
         print(f"faust without {acl}: exit {EXIT_ACCESS} after {took:.1f} s: {line}")
 
 
-@pytest.mark.skipif(not _faust_available(), reason="needs the [faust] extra")
+@NEEDS_FAUST
 def test_faust_engine_refuses_a_kafka_setting_it_cannot_apply(tiny_bundle: Path, tmp_path: Path) -> None:
     # Given a librdkafka setting aiokafka has no equivalent for
     topics = TopicSet.fresh()

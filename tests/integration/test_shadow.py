@@ -11,7 +11,7 @@ import pytest
 
 from devkit.toolkit import Output, read_outputs, start_worker
 from tests.support import scenario
-from tests.support.kafka import TopicSet, create_topic, produce, run_cli
+from tests.support.kafka import NEEDS_FAUST, TopicSet, create_topic, produce, run_cli
 from tests.support.tiny_model import build_bundle
 
 pytestmark = pytest.mark.integration
@@ -58,18 +58,10 @@ def _expected(live: Path, candidate: Path, valid: dict[str, str]) -> tuple[dict[
     return records, matrix
 
 
-def _faust_available() -> bool:
-    try:
-        import faust  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 #: The Faust engine is at-least-once, but nothing fails here, so it must deliver exactly once too.
 ENGINES = [
     pytest.param("confluent", id="confluent"),
-    pytest.param("faust", id="faust", marks=pytest.mark.skipif(not _faust_available(), reason="needs [faust]")),
+    pytest.param("faust", id="faust", marks=NEEDS_FAUST),
 ]
 
 

@@ -4,6 +4,7 @@ Worker subprocesses and reading outputs back use `devkit.toolkit`, as the demo a
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -13,11 +14,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from devkit import toolkit
 from devkit.apache_kafka import LocalKafka
 from devkit.toolkit import Outbound
+
+#: The Faust engine's tests need the [faust] extra (in [dev]): skipped, with the reason, without it.
+NEEDS_FAUST = pytest.mark.skipif(importlib.util.find_spec("faust") is None, reason="needs the [faust] extra")
 
 
 @dataclass(frozen=True)
