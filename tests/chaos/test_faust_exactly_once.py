@@ -1,5 +1,5 @@
 """Faust's own exactly-once (`processing_guarantee="exactly_once"`, one transactional producer per
-input partition) behind `CW_DELIVERY=exactly_once --engine faust`, judged by the chaos test's
+input partition), run on trial (`CW_FAUST_EOS_TRIAL=true`: the engine refuses it otherwise), judged by the chaos test's
 oracle: two Faust workers share a steady stream, one is `kill -9`ed and restarted three times
 mid-stream, then a read_committed reader must find every id exactly once, the group's committed
 offsets must equal the input's end offsets, and every output partition's last stable offset its
@@ -47,6 +47,11 @@ def _by_partition(fleet: Fleet, ids: set[str]) -> dict[int, int]:
     return dict(sorted(counts.items()))
 
 
+@pytest.mark.xfail(
+    strict=False,
+    reason="Faust's exactly_once lost 3 records (one per partition of a restarted worker) in 1 of 4 runs: "
+    "docs/engines.md; the engine refuses CW_DELIVERY=exactly_once",
+)
 @pytest.mark.timeout(600)
 def test_faust_exactly_once_survives_kill_9(broker: Broker, tiny_bundle: Path, tmp_path: Path) -> None:
     if broker.kind == "tansu":
@@ -58,7 +63,7 @@ def test_faust_exactly_once_survives_kill_9(broker: Broker, tiny_bundle: Path, t
         tiny_bundle,
         tmp_path,
         PARTITIONS,
-        extra_env={"CW_DELIVERY": "exactly_once"},
+        extra_env={"CW_DELIVERY": "exactly_once", "CW_FAUST_EOS_TRIAL": "true"},
         args=("--engine", "faust"),
     )
     fleet.create_input()

@@ -9,7 +9,9 @@ and Faust commits them at the commit interval — at-least-once. A batch left an
 refusal, an unexpected error, a shutdown) keeps its acknowledgements withheld, so its offsets are
 never committed. The input is read `read_committed` whatever the delivery mode.
 
-`CW_DELIVERY=exactly_once` (asked for explicitly) turns on Faust's own exactly_once: one
+`CW_DELIVERY=exactly_once` is refused: Faust's own exactly_once, driven as below, lost records in
+the kill -9 chaos test (docs/engines.md); `CW_FAUST_EOS_TRIAL=true` runs it anyway, for
+reproducing that trial. It has one
 transactional producer per input partition, whose transaction Faust commits with that partition's
 offsets. Three things Faust leaves to its agents are done here: each output joins the transaction
 of its *source* record's partition (Faust's `TransactionManager.send` picks the output's own
@@ -82,9 +84,21 @@ def exactly_once(settings: Settings) -> bool:
     return settings.delivery == "exactly_once" and "delivery" in settings.model_fields_set
 
 
+def check_delivery(settings: Settings) -> None:
+    """The Faust engine is at-least-once. `CW_DELIVERY=exactly_once` asked for explicitly is
+    refused rather than silently downgraded: Faust's exactly_once, as this engine drives it, lost
+    records in the kill -9 chaos test (docs/engines.md); `CW_FAUST_EOS_TRIAL=true` runs it anyway."""
+    if exactly_once(settings) and not settings.faust_eos_trial:
+        raise ConfigError(
+            "the faust engine is at-least-once: set CW_DELIVERY=at_least_once, or use the confluent "
+            "engine for exactly-once (Faust's own exactly_once failed the chaos test: docs/engines.md)"
+        )
+
+
 def create_app(settings: Settings) -> faust.App:
     """A Faust app configured from our settings (raw bytes in and out, no web server, no tables);
-    Faust's own exactly_once when `CW_DELIVERY=exactly_once` was asked for."""
+    Faust's own exactly_once only on trial (`check_delivery`)."""
+    check_delivery(settings)
     options = kafka_options(settings)
     return faust.App(
         settings.kafka.group_id,
@@ -365,6 +379,7 @@ class FaustClassifier:
         hooks: Hooks | None = None,
         on_error: Callable[[Exception], None] | None = None,
     ) -> None:
+        check_delivery(settings)
         guarantee = cast(Any, app.conf).processing_guarantee  # typed as the enum class in Faust's stub
         if exactly_once(settings) and guarantee != ProcessingGuarantee.EXACTLY_ONCE:
             raise ConfigError("CW_DELIVERY=exactly_once needs a Faust app with processing_guarantee='exactly_once'")
