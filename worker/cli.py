@@ -126,7 +126,9 @@ def run(
             extra={
                 "engine": engine.value,
                 "model": pipeline.model_id,
-                "delivery": settings.delivery if engine is Engine.confluent else "at_least_once",
+                "delivery": settings.delivery
+                if engine is Engine.confluent or "delivery" in settings.model_fields_set
+                else "at_least_once",
                 "input": settings.topics.input,
                 "group": settings.kafka.group_id,
                 "metrics_port": server.port if server else None,

@@ -224,6 +224,9 @@ class Settings(BaseSettings):
     shadow: ShadowSettings = ShadowSettings()
     metrics: MetricsSettings = MetricsSettings()
     delivery: Literal["exactly_once", "at_least_once"] = "exactly_once"
+    #: Run `CW_DELIVERY=exactly_once --engine faust` although it failed the chaos oracle
+    #: (docs/engines.md): for reproducing that trial, not for production.
+    faust_eos_trial: bool = False
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @classmethod

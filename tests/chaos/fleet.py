@@ -41,6 +41,8 @@ class Fleet:
     partitions: int
     replication: int = 1
     extra_env: dict[str, str] = field(default_factory=dict)
+    #: after `classify-worker run`, e.g. ("--engine", "faust")
+    args: tuple[str, ...] = ()
     topics: TopicSet = field(default_factory=TopicSet.fresh)
     workers: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     events: list[str] = field(default_factory=list)
@@ -79,17 +81,20 @@ class Fleet:
     def start(self, *instances: str) -> None:
         with self._lock:
             for instance in instances:
-                self.workers[instance] = start_worker(self.env(instance), self.tmp / f"{instance}.log")
+                self.workers[instance] = self._spawn(instance)
         if not self._supervising:
             self._supervising = True
             threading.Thread(target=self._supervise, daemon=True).start()
+
+    def _spawn(self, instance: str) -> subprocess.Popen[bytes]:
+        return start_worker(self.env(instance), self.tmp / f"{instance}.log", *self.args)
 
     def kill9(self, instance: str) -> None:
         """`kill -9` and restart under the same instance id (its restart fences the transaction)."""
         with self._lock:
             self.workers[instance].send_signal(signal.SIGKILL)
             self.workers[instance].wait(10)
-            self.workers[instance] = start_worker(self.env(instance), self.tmp / f"{instance}.log")
+            self.workers[instance] = self._spawn(instance)
         self.note(f"kill -9 {instance}")
 
     def _supervise(self) -> None:
@@ -100,7 +105,7 @@ class Fleet:
                     if self._supervising and w.poll() is not None:
                         self.exits[w.returncode] += 1
                         self.note(f"{instance} exited rc={w.returncode}, restarted")
-                        self.workers[instance] = start_worker(self.env(instance), self.tmp / f"{instance}.log")
+                        self.workers[instance] = self._spawn(instance)
             time.sleep(0.5)
 
     def assert_no_crash(self) -> None:

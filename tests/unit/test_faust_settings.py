@@ -106,6 +106,12 @@ def test_exactly_once_asked_for_is_refused_not_downgraded() -> None:
     # Given CW_DELIVERY=exactly_once set explicitly, When a Faust app is built, Then it is refused
     with pytest.raises(ConfigError, match="the faust engine is at-least-once: set CW_DELIVERY=at_least_once"):
         create_app(load_settings(delivery="exactly_once"))
-    # And left at its default, or at at_least_once, it runs (at-least-once)
-    create_app(load_settings())
-    create_app(load_settings(delivery="at_least_once"))
+    # And left at its default, or at at_least_once, it runs at-least-once
+    assert create_app(load_settings()).conf.processing_guarantee.value == "at_least_once"
+    assert create_app(load_settings(delivery="at_least_once")).conf.processing_guarantee.value == "at_least_once"
+
+
+def test_exactly_once_on_trial_runs_fausts_exactly_once() -> None:
+    # Given the trial flag (tests/chaos/test_faust_exactly_once.py), Then the app runs Faust's exactly_once
+    settings = load_settings(delivery="exactly_once", faust_eos_trial=True)
+    assert create_app(settings).conf.processing_guarantee.value == "exactly_once"

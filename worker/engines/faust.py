@@ -9,8 +9,15 @@ and Faust commits them at the commit interval — at-least-once. A batch left an
 refusal, an unexpected error, a shutdown) keeps its acknowledgements withheld, so its offsets are
 never committed. The input is read `read_committed` whatever the delivery mode.
 
-Faust's own `processing_guarantee="exactly_once"` is not offered: use the confluent engine for
-exactly-once. This is the only module that imports faust, so `import worker` never pulls it in.
+`CW_DELIVERY=exactly_once` is refused: Faust's own exactly_once, driven as below, lost records in
+the kill -9 chaos test (docs/engines.md); `CW_FAUST_EOS_TRIAL=true` runs it anyway, for
+reproducing that trial. It has one transactional producer per input partition, whose transaction
+Faust commits with that partition's offsets. Three things Faust leaves to its agents are done here: each output joins the transaction
+of its *source* record's partition (Faust's `TransactionManager.send` picks the output's own
+partition), a commit waits for the batch being delivered, and a revocation aborts the open
+transactions (Faust keeps those of the partitions it keeps while it rewinds them to their committed
+offsets) and drops the events fetched before it. This is the only module that imports faust, so
+`import worker` never pulls it in.
 
 Kafka settings: the librdkafka properties of `CW_KAFKA__*` that Faust/aiokafka have an
 equivalent for are mapped (`MAPPED`, `kafka_options`), the SASL/TLS ones onto aiokafka's
@@ -44,7 +51,9 @@ from aiokafka.errors import (
 )
 from confluent_kafka import KafkaError
 from faust.exceptions import ProducerSendError
+from faust.transport.consumer import TopicPartitionGroup, TransactionManager
 from faust.transport.drivers import aiokafka as aiokafka_driver
+from faust.types.enums import ProcessingGuarantee
 
 from worker.config import CONSUMER_FETCH_DEFAULTS, SECURITY_KEYS, KafkaSecurity, LibrdkafkaValue, Settings
 from worker.errors import ConfigError, InferenceError, KafkaAccessError, WorkerError
@@ -68,18 +77,26 @@ STUCK_S = 60.0
 PASSWORD_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 
 
+def exactly_once(settings: Settings) -> bool:
+    """`CW_DELIVERY=exactly_once` asked for explicitly (left at its default, the Faust engine
+    runs at-least-once)."""
+    return settings.delivery == "exactly_once" and "delivery" in settings.model_fields_set
+
+
 def check_delivery(settings: Settings) -> None:
     """The Faust engine is at-least-once. `CW_DELIVERY=exactly_once` asked for explicitly is
-    refused rather than silently downgraded (left at its default, it does not apply here)."""
-    if settings.delivery == "exactly_once" and "delivery" in settings.model_fields_set:
+    refused rather than silently downgraded: Faust's exactly_once, as this engine drives it, lost
+    records in the kill -9 chaos test (docs/engines.md); `CW_FAUST_EOS_TRIAL=true` runs it anyway."""
+    if exactly_once(settings) and not settings.faust_eos_trial:
         raise ConfigError(
             "the faust engine is at-least-once: set CW_DELIVERY=at_least_once, or use the confluent "
-            "engine for exactly-once (Faust's own exactly_once is not offered: docs/engines.md)"
+            "engine for exactly-once (Faust's own exactly_once failed the chaos test: docs/engines.md)"
         )
 
 
 def create_app(settings: Settings) -> faust.App:
-    """A Faust app configured from our settings (raw bytes in and out, no web server, no tables)."""
+    """A Faust app configured from our settings (raw bytes in and out, no web server, no tables);
+    Faust's own exactly_once only on trial (`check_delivery`)."""
     check_delivery(settings)
     options = kafka_options(settings)
     return faust.App(
@@ -96,6 +113,7 @@ def create_app(settings: Settings) -> faust.App:
         # One commit per interval, or sooner after this many messages, as the confluent engine
         broker_commit_interval=settings.commit.interval_ms / 1000,
         broker_commit_every=settings.commit.max_items,
+        processing_guarantee="exactly_once" if exactly_once(settings) else "at_least_once",
         **options.app,
         **_credentials(settings),
     )
@@ -224,9 +242,15 @@ class _Consumer(aiokafka_driver.Consumer):
     and `on_commit` told of every commit that succeeded (the offsets committed)."""
 
     def __init__(
-        self, *args: Any, overrides: dict[str, Any], on_commit: Callable[[dict[Any, int]], None], **kwargs: Any
+        self,
+        *args: Any,
+        overrides: dict[str, Any],
+        on_commit: Callable[[dict[Any, int]], None],
+        delivering: asyncio.Lock,
+        **kwargs: Any,
     ) -> None:
-        self.overrides, self._on_commit = overrides, on_commit  # before super(): it creates the thread
+        # before super(): it creates the thread
+        self.overrides, self._on_commit, self._delivering = overrides, on_commit, delivering
         super().__init__(*args, **kwargs)
 
     def _new_consumer_thread(self) -> aiokafka_driver.AIOKafkaConsumerThread:
@@ -236,6 +260,27 @@ class _Consumer(aiokafka_driver.Consumer):
         committed = bool(await super()._commit(offsets))
         if committed:
             self._on_commit(dict(offsets))
+        return committed
+
+    async def _commit_tps(self, tps: Any, start_new_transaction: bool) -> bool:
+        """Under exactly-once, a commit ends each partition's transaction with whatever was sent
+        in it so far: it waits until the batch in hand is delivered and acknowledged before it
+        reads the acknowledged offsets, or it would commit that batch's outputs without them.
+        None during a rebalance: `_abort_transactions` ends the transactions, Faust begins new
+        ones once the partitions are assigned."""
+        if not self.in_transaction:
+            return bool(await super()._commit_tps(tps, start_new_transaction))
+        async with self._delivering:
+            if self.app.rebalancing:  # the transactions are being aborted or not yet begun
+                return False
+            return bool(await super()._commit_tps(tps, start_new_transaction))
+
+    async def _commit_offsets(self, offsets: Any, start_new_transaction: bool = True) -> bool:
+        """Under exactly-once the offsets go through the transactions (not `_commit`)."""
+        assigned = self.assignment()
+        committed = bool(await super()._commit_offsets(offsets, start_new_transaction=start_new_transaction))
+        if committed and self.in_transaction:
+            self._on_commit({tp: o for tp, o in offsets.items() if tp in assigned})
         return committed
 
 
@@ -248,6 +293,8 @@ class _Producer(aiokafka_driver.Producer):
     which at-least-once allows."""
 
     def _settings_extra(self) -> Any:
+        if self.app.in_transaction:  # a transactional producer is idempotent
+            return super()._settings_extra()
         return {**super()._settings_extra(), "acks": "all", "enable_idempotence": False}
 
 
@@ -265,13 +312,18 @@ class _ConsumerThread(aiokafka_driver.AIOKafkaConsumerThread):
         return consumer
 
 
-def _install_clients(app: faust.App, overrides: dict[str, Any], on_commit: Callable[[dict[Any, int]], None]) -> None:
+def _install_clients(
+    app: faust.App,
+    overrides: dict[str, Any],
+    on_commit: Callable[[dict[Any, int]], None],
+    delivering: asyncio.Lock,
+) -> None:
     """Make the app's consumer and producer ours (this app only). The consumer is shared by every
     agent of the app, so an embedding app's other agents read committed data too."""
     for transport in (app.transport, app.producer_transport):
         if not isinstance(transport, aiokafka_driver.Transport):
             raise ConfigError(f"the faust engine needs Faust's aiokafka transport (kafka://), not {type(transport)}")
-    consumer = functools.partial(_Consumer, overrides=overrides, on_commit=on_commit)
+    consumer = functools.partial(_Consumer, overrides=overrides, on_commit=on_commit, delivering=delivering)
     app.transport.Consumer = consumer  # type: ignore[misc,assignment]  # an instance attribute: this app only
     for transport in (app.transport, app.producer_transport):  # the app's producer comes from the first
         transport.Producer = _Producer  # type: ignore[misc]
@@ -327,6 +379,9 @@ class FaustClassifier:
         on_error: Callable[[Exception], None] | None = None,
     ) -> None:
         check_delivery(settings)
+        guarantee = cast(Any, app.conf).processing_guarantee  # typed as the enum class in Faust's stub
+        if exactly_once(settings) and guarantee != ProcessingGuarantee.EXACTLY_ONCE:
+            raise ConfigError("CW_DELIVERY=exactly_once needs a Faust app with processing_guarantee='exactly_once'")
         self.app = app
         self.settings = settings
         self.pipeline = pipeline
@@ -343,7 +398,11 @@ class FaustClassifier:
         self._assigned: set[tuple[str, int]] = set()
         #: monotonic time the batch in hand was taken; None while waiting for input
         self._busy_since: float | None = None
-        _install_clients(app, kafka_options(settings).consumer, self._on_commit)
+        #: Revocations seen, and how many there had been when the batch in hand was taken
+        self._rebalances = self._batch_rebalances = 0
+        #: Held while a batch's outputs are sent (exactly-once: no commit meanwhile, `_Consumer`)
+        self._delivering = asyncio.Lock()
+        _install_clients(app, kafka_options(settings).consumer, self._on_commit, self._delivering)
         # the lag is the app's group's: an embedding app's id, not necessarily CW_KAFKA__GROUP_ID
         group = settings.model_copy(update={"kafka": settings.kafka.model_copy(update={"group_id": app.conf.id})})
         self._housekeeping = Housekeeping(group, pipeline.router, self.hooks, lambda: set(self._assigned))
@@ -391,6 +450,10 @@ class FaustClassifier:
 
     async def _on_revoked(self, _sender: Any, *args: Any, **_: Any) -> None:
         mine = self._mine(args[0])
+        self._rebalances += 1  # first: a batch being delivered stops at its next send
+        if self.app.in_transaction:
+            async with self._delivering:  # no commit, no batch's sends meanwhile
+                await self._abort_transactions(mine)
         self._assigned -= set(mine)
         # their uncommitted batches are processed again by the partitions' next owner, and counted there
         self._uncommitted = deque(b for b in self._uncommitted if not set(b.ends) & set(mine))
@@ -410,6 +473,10 @@ class FaustClassifier:
         """The agent. Faust acknowledges what the stream yields whenever it is iterated with acks
         on, so the agent iterates a `noack()` stream and acknowledges each batch itself (in
         `take_events`) only after its outputs are delivered."""
+        if exactly_once(self.settings) and not self.app.in_transaction:
+            await self._stop_for_good(
+                ConfigError("CW_DELIVERY=exactly_once needs the app run by faust.Worker (`app.main()`)")
+            )
         self._housekeeping.start()
         try:
             await self._batches(stream.noack())
@@ -419,21 +486,51 @@ class FaustClassifier:
     async def _batches(self, stream: Any) -> None:
         batch = self.settings.batch
         async for events in stream.take_events(batch.max_items, within=batch.max_wait_ms / 1000 or 0.001):
+            fresh = self._fresh(events)
+            if not fresh:
+                continue
             delivered = False
             self._busy_since = time.monotonic()
             try:
-                records = [_record(e.message) for e in events]
+                records = [_record(e.message) for e in fresh]
                 outcome = await self._process_until_it_works(records)
-                sent = await self._deliver(outcome.outgoing)
+                async with self._delivering:
+                    sent = await self._deliver(outcome.outgoing)
                 delivered = True
+            except _RebalancedError:
+                log.info("batch dropped: a rebalance ended its transactions", extra={"size": len(fresh)})
             except Exception as e:
                 await self._stop_for_good(e)
             finally:
-                if not delivered:  # an error, a refusal or a shutdown mid-batch
-                    _withhold_acks(events)
+                if not delivered:  # an error, a refusal, a rebalance or a shutdown mid-batch
+                    _withhold_acks(fresh)
             self._busy_since = None
-            # acknowledged when this body returns (take_events), committed by Faust later
-            self._uncommitted.append(_Delivered(_ends(records), outcome, sent, len(records)))
+            if delivered:  # acknowledged when this body returns (take_events), committed by Faust later
+                self._uncommitted.append(_Delivered(_ends(records), outcome, sent, len(records)))
+
+    def _fresh(self, events: Any) -> list[Any]:
+        """The batch's events, less (exactly-once) those fetched before the last rebalance:
+        Faust's revocation ends every partition's transaction and its assignment seeks each
+        partition back to its committed offset, so these are fetched again; processed here too,
+        their outputs would be committed twice. Their acknowledgements are withheld."""
+        self._batch_rebalances = self._rebalances
+        if not self.app.in_transaction:
+            return list(events)
+        generation = self.app.consumer_generation_id
+        fresh: list[Any] = []
+        stale: list[Any] = []
+        for e in events:
+            m = e.message
+            current = m.generation_id == generation and (m.topic, m.partition) in self._assigned
+            (fresh if current else stale).append(e)
+        _withhold_acks(stale)
+        return fresh
+
+    def _check_not_rebalanced(self) -> None:
+        """`_RebalancedError` when a rebalance began since the batch in hand was taken
+        (exactly-once: its transactions are gone)."""
+        if self.app.in_transaction and self._rebalances != self._batch_rebalances:
+            raise _RebalancedError
 
     async def _deliver(self, outgoing: list[Outgoing]) -> list[Outgoing]:
         """Send every output and wait until each is acknowledged, retrying what failed (with
@@ -445,6 +542,7 @@ class FaustClassifier:
         delivered: list[Outgoing] = []
         pending = [(out, False) for out in outgoing]  # (output, send it on its own)
         while pending:
+            self._check_not_rebalanced()
             failed = await self._send_all(pending)
             delivered += [out for out, _ in pending if all(out is not f for f, _, _ in failed)]
             pending, transient = [], None
@@ -492,10 +590,44 @@ class FaustClassifier:
         """One output, awaited until acknowledged. Not `topic.send`: that attaches the message
         to the current event under Faust's stream_publish_on_commit, and on failure leaves the
         error on a second future nobody awaits (logged with the message body)."""
-        topic = self._topic(out.topic)
         headers = cast(Any, list(out.headers))  # Faust's stub says bytes; Kafka and aiokafka take None
+        if self.app.in_transaction:
+            await self._send_in_transaction(out, headers)
+            return
+        topic = self._topic(out.topic)
         pending = topic.as_future_message(key=out.key, value=out.value, headers=headers)
         await topic.publish_message(pending, wait=True)
+
+    async def _send_in_transaction(self, out: Outgoing, headers: Any) -> None:
+        """Exactly-once: the output joins the transaction of its source record's partition,
+        the one Faust commits that partition's offsets in. Not `publish_message`: Faust's
+        `TransactionManager.send` picks the transaction of the partition the output goes to
+        in its own topic, which is another input partition's (or none of this worker's)."""
+        self._check_not_rebalanced()
+        transactional_id = self._transactional_id(out.source.topic, out.source.partition)
+        producer = self.app.consumer.transactions.producer
+        pending = await producer.send(
+            out.topic, out.key, out.value, None, None, headers, transactional_id=transactional_id
+        )
+        await pending
+
+    def _transactional_id(self, topic: str, partition: int) -> str:
+        """The transactional id Faust's `TransactionManager` gives an input partition."""
+        group = self.app.assignor.group_for_topic(topic)
+        transactions = cast(TransactionManager, self.app.consumer.transactions)
+        return transactions.transactional_id_format.format(
+            group_id=self.app.conf.id, tpg=TopicPartitionGroup(topic, partition, group)
+        )
+
+    async def _abort_transactions(self, partitions: list[tuple[str, int]]) -> None:
+        """Exactly-once, on revocation: Faust stops the producers of the partitions that move
+        away, but keeps the open transaction of each partition this worker keeps, while its
+        assignment seeks every partition back to its committed offset: the outputs of batches
+        acknowledged since the last commit would be committed again with their re-processing.
+        Aborted here, they are sent once more, once."""
+        producer = self.app.consumer.transactions.producer
+        for topic, partition in partitions:
+            await producer.abort_transaction(self._transactional_id(topic, partition))
 
     def _raise_if_refused(self, e: BrokerResponseError) -> None:
         """`KafkaAccessError` naming the missing ACL when the cluster refused a send (aiokafka's
@@ -528,6 +660,10 @@ class FaustClassifier:
                 log.error("classifier failed on a batch; will retry", extra={"error": str(e), "size": len(records)})
                 self.hooks.on_batch_failed("inference")
                 await asyncio.sleep(backoff.step())
+
+
+class _RebalancedError(Exception):
+    """Exactly-once: a rebalance ended the transactions the batch in hand was sent in."""
 
 
 @dataclasses.dataclass
@@ -593,6 +729,9 @@ def run(
     import mode
 
     app = create_app(settings)  # first: refuses a setting it cannot apply before connecting
+    # Faust turns its exactly_once on only in an app run by `faust.Worker`, which sets this flag;
+    # under `mode.Worker` it would silently run at-least-once.
+    app.in_worker = True
     check_access(settings)
     if settings.topics.auto_create:
         ensure_for(settings, pipeline.router)
