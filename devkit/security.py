@@ -13,7 +13,7 @@ worker authenticates as an ordinary SCRAM user and gets only the ACLs granted to
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -172,6 +172,11 @@ class Acl:
     def binding(self, principal: str) -> AclBinding:
         return AclBinding(*self._fields(principal))
 
+    @property
+    def key(self) -> tuple[str, str, str, str]:
+        """As `acls_of` describes it: (operation, resource type, name, pattern)."""
+        return (self.operation, self.resource, self.name, "PREFIXED" if self.prefixed else "LITERAL")
+
     def filter(self, principal: str) -> AclBindingFilter:
         """Matches exactly this entry, to delete it."""
         return AclBindingFilter(*self._fields(principal))
@@ -212,15 +217,17 @@ def worker_acls(
 
 
 def grant(admin: AdminClient, principal: str, acls: Iterable[Acl]) -> None:
-    for future in admin.create_acls([a.binding(principal) for a in acls]).values():
+    wanted = list(acls)
+    for future in admin.create_acls([a.binding(principal) for a in wanted]).values():
         future.result(ADMIN_TIMEOUT_S)
-    _settle()
+    _settle(admin, principal, lambda held: all(a.key in held for a in wanted))
 
 
 def revoke(admin: AdminClient, principal: str, acls: Iterable[Acl]) -> None:
-    for future in admin.delete_acls([a.filter(principal) for a in acls]).values():
+    gone = list(acls)
+    for future in admin.delete_acls([a.filter(principal) for a in gone]).values():
         future.result(ADMIN_TIMEOUT_S)
-    _settle()
+    _settle(admin, principal, lambda held: not any(a.key in held for a in gone))
 
 
 def acls_of(admin: AdminClient, principal: str) -> set[tuple[str, str, str, str]]:
@@ -238,7 +245,15 @@ def acls_of(admin: AdminClient, principal: str) -> set[tuple[str, str, str, str]
     return {(b.operation.name, b.restype.name, b.name, b.resource_pattern_type.name) for b in found}
 
 
-def _settle() -> None:
+#: How long an ACL change may take to reach the authorizer on a loaded machine.
+SETTLE_TIMEOUT_S = 30.0
+
+
+def _settle(admin: AdminClient, principal: str, done: Callable[[set[tuple[str, str, str, str]]], bool]) -> None:
     """The StandardAuthorizer applies ACL records from the metadata log a moment after the
-    admin call returns; a short pause keeps a test from racing it."""
-    time.sleep(0.5)
+    admin call returns (seconds on a loaded machine): wait until it describes the change."""
+    deadline = time.monotonic() + SETTLE_TIMEOUT_S
+    while not done(acls_of(admin, principal)):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"ACL change for {principal} not applied within {SETTLE_TIMEOUT_S:.0f} s")
+        time.sleep(0.2)

@@ -14,10 +14,10 @@ the kill -9 chaos test (docs/engines.md); `CW_FAUST_EOS_TRIAL=true` runs it anyw
 reproducing that trial. It has one transactional producer per input partition, whose transaction
 Faust commits with that partition's offsets. Three things Faust leaves to its agents are done
 here: each output joins the transaction of its *source* record's partition (Faust's
-`TransactionManager.send` picks the output's own partition), a commit waits for the batch being delivered, and a revocation aborts the open
-transactions (Faust keeps those of the partitions it keeps while it rewinds them to their committed
-offsets) and drops the events fetched before it. This is the only module that imports faust, so
-`import worker` never pulls it in.
+`TransactionManager.send` picks the output's own partition), a commit waits for the batch being
+delivered, and a revocation aborts the open transactions (Faust keeps those of the partitions it
+keeps while it rewinds them to their committed offsets) and drops the events fetched before it.
+This is the only module that imports faust, so `import worker` never pulls it in.
 
 Kafka settings: the librdkafka properties of `CW_KAFKA__*` that Faust/aiokafka have an
 equivalent for are mapped (`MAPPED`, `kafka_options`), the SASL/TLS ones onto aiokafka's
