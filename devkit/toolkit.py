@@ -130,7 +130,9 @@ def read_outputs(
     fetch_wait_ms: int | None = None,
 ) -> list[Output]:
     """Read every partition of `topics` with read_committed (from `start`, else the beginning)
-    until `expect` messages have arrived, then `quiet_s` more so duplicates and strays show up.
+    until `expect` messages have arrived and every partition has been read to its end, then
+    `quiet_s` more so duplicates and strays show up. (Counting to `expect` alone stopped early
+    when duplicates made up the count: at-least-once runs then looked as if they lost records.)
     A longer `fetch_wait_ms` costs the broker fewer fetches and delays `seen_at` by up to that."""
     consumer = Consumer(
         {
@@ -140,16 +142,18 @@ def read_outputs(
             "enable.auto.commit": False,
             "fetch.wait.max.ms": READER_FETCH_WAIT_MS,
             **({"fetch.wait.max.ms": fetch_wait_ms} if fetch_wait_ms is not None else {}),
+            "enable.partition.eof": True,
         }
     )
     offsets = start if start is not None else {tp: 0 for tp in partitions(bootstrap, topics)}
     consumer.assign([TopicPartition(t, p, o) for (t, p), o in offsets.items()])
     out: list[Output] = []
+    at_end: set[tuple[str, int]] = set()  # partitions read up to their last stable offset
     deadline = time.monotonic() + timeout_s
     quiet_until: float | None = None
     try:
         while time.monotonic() < deadline:
-            if len(out) >= expect:
+            if len(out) >= expect and at_end >= offsets.keys():
                 quiet_until = quiet_until or time.monotonic() + quiet_s
                 if time.monotonic() > quiet_until:
                     break
@@ -158,7 +162,9 @@ def read_outputs(
                 if err is not None:
                     if err.code() != KafkaError._PARTITION_EOF:
                         raise RuntimeError(f"reader error: {err.str()}")
+                    at_end.add((m.topic() or "", m.partition() or 0))
                     continue
+                at_end.discard((m.topic() or "", m.partition() or 0))
                 ts_type, ts = m.timestamp()
                 item = Output(
                     m.topic() or "",
