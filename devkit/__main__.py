@@ -66,6 +66,31 @@ def bench(
 
 
 @app.command()
+def latency(
+    rate: Annotated[list[float], typer.Option(help="Messages per second (repeat for several runs).")],
+    mode: Annotated[list[str], typer.Option(help="exactly_once and/or at_least_once.")] = ["exactly_once"],  # noqa: B006
+    seconds: Annotated[float, typer.Option(help="Duration of each run.")] = 20.0,
+    data: Annotated[Path | None, typer.Option(help="CLINC150 json (its test split).")] = None,
+    env: Annotated[list[str], typer.Option(help="Worker setting as CW_NAME=value (repeatable).")] = [],  # noqa: B006
+    out: Annotated[Path | None, typer.Option(help="Write the figures here as JSON.")] = None,
+) -> None:
+    """Latency only, at given rates, with per-stage figures: compare one worker setting quickly."""
+    with _errors():
+        import json
+
+        from rich.console import Console
+
+        from devkit.bench import run_latency
+        from worker.observability import configure_logging
+
+        configure_logging("WARNING")
+        overrides = dict(item.split("=", 1) for item in env)
+        figures = run_latency(data, rate, mode, seconds, overrides, Console())
+        if out is not None:
+            out.write_text(json.dumps(figures, indent=2))
+
+
+@app.command()
 def demo() -> None:
     """Run the worker on an embedded broker with sample traffic and print where everything went."""
     with _errors():

@@ -44,6 +44,8 @@ BATCH_SIZES = (1, 4, 16, 64, 256)
 LOAD_FRACTIONS = (0.1, 0.25, 0.5, 0.75, 0.9)
 MODES = ("exactly_once", "at_least_once")
 BASELINE_BATCH = 64
+#: Load before a latency run's figures count (see `_latency_at`).
+WARMUP_S = 5.0
 #: The plain onnxruntime loop's batch: what a user writes first (`session.run` per 64 texts).
 PLAIN_BATCH = 64
 
@@ -304,47 +306,130 @@ def _cpu_snapshot(worker_pid: int, broker_pid: int | None) -> dict[str, float | 
     }
 
 
+def _stage_buckets(metrics_text: str) -> dict[str, dict[float, float]]:
+    """`classify_stage_seconds` cumulative bucket counts: {stage: {le: count}}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    buckets: dict[str, dict[float, float]] = {}
+    for family in text_string_to_metric_families(metrics_text):
+        if family.name != "classify_stage_seconds":
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_bucket"):
+                buckets.setdefault(sample.labels["stage"], {})[float(sample.labels["le"])] = sample.value
+    return buckets
+
+
+def stage_quantiles(
+    metrics_text: str, since: str = "", quantiles: tuple[float, ...] = (0.5, 0.99)
+) -> dict[str, dict[str, float]]:
+    """Per-stage percentiles (ms) read off the worker's `classify_stage_seconds` histogram (less
+    what it held at the `since` scrape), by linear interpolation inside the bucket that holds each
+    quantile, as PromQL's histogram_quantile does: `{stage: {"p50_ms": …, "p99_ms": …}}`."""
+    before = _stage_buckets(since) if since else {}
+    out: dict[str, dict[str, float]] = {}
+    for stage, counts in _stage_buckets(metrics_text).items():
+        cumulative = sorted((le, n - before.get(stage, {}).get(le, 0.0)) for le, n in counts.items())
+        total = cumulative[-1][1]
+        if total <= 0:
+            continue
+        figures = {}
+        for q in quantiles:
+            rank, lower_le, lower_count = q * total, 0.0, 0.0
+            for le, count in cumulative:
+                if count >= rank:
+                    upper = le if le != float("inf") else lower_le
+                    share = (rank - lower_count) / (count - lower_count) if count > lower_count else 1.0
+                    figures[f"p{round(q * 100)}_ms"] = 1000 * (lower_le + (upper - lower_le) * share)
+                    break
+                lower_le, lower_count = le, count
+        out[stage] = figures
+    return out
+
+
+def _scrape(port: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        return str(r.read().decode())
+
+
 def _latency_at(
-    broker: BenchBroker, texts: list[str], bundle: Path, rate: float, duration: float, workdir: Path, delivery: str
+    broker: BenchBroker,
+    texts: list[str],
+    bundle: Path,
+    rate: float,
+    duration: float,
+    workdir: Path,
+    delivery: str,
+    extra_env: dict[str, str] | None = None,
+    warmup_s: float = WARMUP_S,
 ) -> dict[str, Any]:
-    """Also where the cores went during the run (worker, co-located broker, load generator) and
-    the worker's items per CPU-second."""
+    """Also where the cores went during the run (worker, co-located broker, load generator), the
+    worker's items per CPU-second, and its per-stage latency (`stage_quantiles`).
+
+    The load runs `warmup_s` longer than `duration`, and the figures count what was sent after
+    the warm-up only: a consumer's first fetches after its assignment (offsets looked up, fetch
+    sessions set up) take about a second, so the first messages of a run wait for the consumer,
+    not for the worker. What those messages saw is reported apart (`warmup_p99_ms`)."""
     tag, env, settings, outputs = _fresh_deployment(broker, bundle, delivery)
+    env = {**env, **(extra_env or {})}
     log = workdir / f"latency-{tag}.log"
     sent_at: dict[bytes, float] = {}
     with running_worker(env, log) as proc:
         _wait_assigned(log)
-        cpu_before, started = _cpu_snapshot(proc.pid, broker.pid), time.monotonic()
         producer = threading.Thread(
             target=lambda: sent_at.update(
-                _timed_produce(broker.bootstrap, settings.topics.input, texts, rate, duration)
+                _timed_produce(broker.bootstrap, settings.topics.input, texts, rate, warmup_s + duration)
             )
         )
+        load_started = time.time()
         producer.start()
+        warm: dict[str, Any] = {}
+
+        def after_warmup() -> None:
+            warm.update(cpu=_cpu_snapshot(proc.pid, broker.pid), at=time.monotonic())
+            warm["metrics"] = _scrape(env["CW_METRICS__PORT"])
+
+        timer = threading.Timer(warmup_s, after_warmup)
+        timer.start()
         seen = read_outputs(
             broker.bootstrap,
             outputs,
-            expect=int(rate * duration * 0.99),
-            timeout_s=duration + 60,
+            expect=int(rate * (warmup_s + duration) * 0.99),
+            timeout_s=warmup_s + duration + 60,
             quiet_s=2.0,
             fetch_wait_ms=broker.reader_fetch_wait_ms,
         )
         producer.join()
-        cpu_after, wall = _cpu_snapshot(proc.pid, broker.pid), time.monotonic() - started
-    spent = {k: None if v is None or cpu_after[k] is None else cpu_after[k] - v for k, v in cpu_before.items()}  # type: ignore[operator]
-    mine = [(sent_at[o.key], o) for o in seen if o.key in sent_at and o.timestamp_ms is not None]
+        timer.join()
+        cpu_after, wall = _cpu_snapshot(proc.pid, broker.pid), time.monotonic() - warm["at"]
+        stages = stage_quantiles(_scrape(env["CW_METRICS__PORT"]), since=warm["metrics"])
+    cpu_before = warm["cpu"]
+    spent = {k: None if v is None or cpu_after[k] is None else cpu_after[k] - v for k, v in cpu_before.items()}
+    measured_from = load_started + warmup_s
+    every = [(sent_at[o.key], o) for o in seen if o.key in sent_at and o.timestamp_ms is not None]
+    mine = [(sent, o) for sent, o in every if sent >= measured_from]
+    warmup = np.array([o.seen_at - sent for sent, o in every if sent < measured_from]) * 1000
     routed = np.array([(o.timestamp_ms or 0) / 1000 - sent for sent, o in mine]) * 1000
     visible = np.array([o.seen_at - sent for sent, o in mine]) * 1000
     worker_cpu = spent["worker"]
     return {
         "rate_per_s": rate,
         "seconds": duration,
+        "warmup_s": warmup_s,
         "messages": len(sent_at),
         "received": len(seen),
+        "warmup_p99_ms": float(np.percentile(warmup, 99)) if len(warmup) else None,
         **{f"p{q}_ms": float(np.percentile(visible, q)) for q in (50, 95, 99)},
         **{f"produced_p{q}_ms": float(np.percentile(routed, q)) for q in (50, 95, 99)},
         "cores_used": {k: None if v is None else v / wall for k, v in spent.items()},
         "worker_items_per_cpu_s": len(mine) / worker_cpu if worker_cpu else None,
+        # the worker's stages up to its commit, then (the reader's view) its produce to visible
+        "stages": {
+            **stages,
+            "produced_to_visible": {f"p{q}_ms": float(np.percentile(visible - routed, q)) for q in (50, 99)},
+        },
     }
 
 
@@ -433,6 +518,36 @@ def run_bench(
     write_results(results, out_dir)
     console.print(summary_table(results))
     return results
+
+
+def run_latency(
+    data: Path | None, rates: list[float], modes: list[str], seconds: float, env: dict[str, str], console: Console
+) -> dict[str, Any]:
+    """`python -m devkit latency`: only the latency runs, at the given rates (messages/s), with
+    worker settings overridden by `env` (CW_… variables): quick comparisons of one setting, on
+    one fresh broker, with the per-stage breakdown. Prints a table, returns the figures."""
+    texts, _source = load_texts(data)
+    bundle_path = default_bundle_path()
+    figures: dict[str, Any] = {}
+    with contextlib.ExitStack() as stack:
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="classify-latency-")))
+        broker = stack.enter_context(bench_broker(workdir))
+        for mode in modes:
+            for rate in rates:
+                point = _latency_at(broker, texts, bundle_path, rate, seconds, workdir, mode, env)
+                figures[f"{mode}@{rate:g}"] = point
+                console.print(_latency_line(mode, point))
+    return figures
+
+
+def _latency_line(mode: str, point: dict[str, Any]) -> str:
+    stages = " ".join(f"{k} {v['p50_ms']:.0f}/{v['p99_ms']:.0f}" for k, v in point["stages"].items())
+    cores = point["cores_used"]
+    return (
+        f"{mode} {point['rate_per_s']:.0f}/s: p50/p99 {point['p50_ms']:.0f}/{point['p99_ms']:.0f} ms "
+        f"(received {point['received']}/{point['messages']}); stages p50/p99 ms: {stages}; "
+        f"cores worker {cores['worker'] or 0:.2f} broker {cores['broker'] or 0:.2f}"
+    )
 
 
 def _cost(f: dict[str, Any], vcpu_hour_usd: float) -> dict[str, float]:

@@ -245,3 +245,29 @@ def test_a_rebalance_mid_interval_commits_the_open_transaction_before_partitions
     scenario.check(received, expected, topics.prefix, topics.dlq)
     _committed_equals_end(kafka_bootstrap, topics)
     _no_open_transactions(kafka_bootstrap, outputs)
+
+
+def test_exactly_once_commits_as_soon_as_nothing_is_in_hand_not_at_the_interval(
+    kafka_bootstrap: str, tiny_bundle: Path, topics: TopicSet
+) -> None:
+    # Given an engine whose commit interval is a minute, running on an empty topic
+    engine, hooks = in_process_engine(kafka_bootstrap, topics, tiny_bundle, commit={"interval_ms": NEVER_MS})
+    runner = _run(engine, idle_exit_s=60)
+    try:
+        messages, expected = _valid_only(3)
+        for i, message in enumerate(messages):
+            # When one message arrives at a time (light load: nothing else in hand)
+            produce(kafka_bootstrap, topics.input, [message])
+            sent = time.monotonic()
+            # Then a read_committed reader has it within seconds, not after the interval
+            seen = read_outputs(kafka_bootstrap, topics.outputs(CATEGORIES), expect=i + 1, timeout_s=30, quiet_s=0.2)
+            assert len(seen) == i + 1, f"message {i} not visible after {time.monotonic() - sent:.1f} s"
+            assert time.monotonic() - sent < 10, f"message {i} waited {time.monotonic() - sent:.1f} s"
+    finally:
+        engine.request_stop()
+        runner.join(60)
+    commits = next(s.value for s in hooks.commit.collect()[0].samples if s.name.endswith("_count"))
+    assert commits >= 3, f"{commits} commits for three messages sent one at a time"
+    scenario.check(
+        read_outputs(kafka_bootstrap, topics.outputs(CATEGORIES), expect=3), expected, topics.prefix, topics.dlq
+    )

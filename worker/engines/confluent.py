@@ -28,7 +28,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, cast
 
@@ -70,6 +69,9 @@ T = TypeVar("T")
 #: Longest single wait of the loop (for a message, or for the classifier): bounds how late a
 #: stop request, a due commit and the liveness stamp are noticed.
 IDLE_POLL_S = 0.1
+#: Longest poll while a commit runs on the committer thread and the classifier is idle: the
+#: consumer's poll cannot be woken, so this bounds how late the commit's end is noticed.
+COMMIT_POLL_S = 0.002
 #: A classifier call running longer than this is stuck: the loop stops stamping liveness, so
 #: `/healthz` fails and the orchestrator restarts the pod (a batch takes well under a second).
 CLASSIFIER_STUCK_S = 30.0
@@ -128,6 +130,11 @@ class Batch:
     error: KafkaError | None = None
     #: The commit unit its outputs carry in the `route.batch` header.
     unit: str = ""
+    #: Wall-clock seconds when it was handed to the classifier, came back, and was produced:
+    #: with the commit's own start and end, the per-stage latency (`Hooks.on_stages`).
+    submitted_at: float = 0.0
+    classified_at: float = 0.0
+    produced_at: float = 0.0
 
     @property
     def inbound_bytes(self) -> int:
@@ -163,6 +170,14 @@ class Delivery(Protocol):
 
     def commit(self, final: bool) -> Committed | None:
         """Make what can be made durable durable; `final`: wait for every acknowledgement first."""
+
+    def seal(self) -> Callable[[], None] | None:
+        """Close the open unit to new batches and return the broker calls that commit it, to run
+        off the engine thread while the next batch is classified; `end_commit` after they return.
+        None when nothing is open, or when this mode commits on the engine thread only."""
+
+    def end_commit(self) -> Committed:
+        """What the sealed unit's commit made durable; the next `add` opens a new unit."""
 
     def abort(self) -> Committed:
         """Drop the open unit; the engine rewinds to the first offsets of what it returns."""
@@ -279,6 +294,11 @@ class Sender:
                 out = stand_in
 
 
+def _timed(calls: Callable[[], None]) -> float:
+    calls()
+    return time.perf_counter()
+
+
 def _raise_delivery(e: KafkaException, what: str) -> None:
     err = kafka_error(e)
     if err.fatal():
@@ -334,8 +354,12 @@ class Transactional:
         self._items = 0
         self._bytes = 0
         self._started_at = 0.0
+        #: Set by `seal`: the unit's commit is under way (maybe on another thread); no `add`.
+        self._sealed = False
 
     def add(self, batch: Batch) -> None:
+        if self._sealed:
+            raise RuntimeError("add() while the unit's commit is under way")
         self._batches.append(batch)  # first: a failed produce must still rewind this batch
         self._items += len(batch.records)
         self._bytes += batch.inbound_bytes
@@ -369,18 +393,36 @@ class Transactional:
         return False  # the unit commits early at the byte cap instead (`due`)
 
     def commit(self, final: bool) -> Committed | None:
+        calls = self.seal()
+        if calls is None:
+            return None
+        calls()
+        return self.end_commit()
+
+    def seal(self) -> Callable[[], None] | None:
+        """The offsets and the group's metadata are read here, on the engine thread (the consumer
+        is never called from another); the returned calls touch the producer only, which no one
+        else calls until `end_commit` or `abort`. librdkafka allows one transaction per producer,
+        so the next unit opens only after this one's commit returned."""
         if self._unit is None:
             return None
         offsets = next_offsets(r for b in self._batches for r in b.records)
-        p = self._producer
         group = self._consumer.consumer_group_metadata()
-        try:
-            retry_call(
-                lambda: p.send_offsets_to_transaction(offsets, group, CALL_TIMEOUT_S), self._window_s, self._tick
-            )
-            retry_call(lambda: p.commit_transaction(CALL_TIMEOUT_S), self._window_s, self._tick)
-        except KafkaException as e:  # only an error that requires an abort gets here
-            raise DeliveryError(f"transaction not committed: {kafka_error(e).str()}") from e
+        p = self._producer
+        self._sealed = True
+
+        def calls() -> None:
+            try:
+                retry_call(
+                    lambda: p.send_offsets_to_transaction(offsets, group, CALL_TIMEOUT_S), self._window_s, self._tick
+                )
+                retry_call(lambda: p.commit_transaction(CALL_TIMEOUT_S), self._window_s, self._tick)
+            except KafkaException as e:  # only an error that requires an abort gets here
+                raise DeliveryError(f"transaction not committed: {kafka_error(e).str()}") from e
+
+        return calls
+
+    def end_commit(self) -> Committed:
         return self._reset()
 
     def abort(self) -> Committed:
@@ -407,7 +449,7 @@ class Transactional:
 
     def _reset(self) -> Committed:
         done = Committed(self._unit or "", self._batches)
-        self._unit, self._batches, self._items, self._bytes = None, [], 0, 0
+        self._unit, self._batches, self._items, self._bytes, self._sealed = None, [], 0, 0, False
         return done
 
 
@@ -487,6 +529,12 @@ class AtLeastOnce:
             self._bytes -= batch.inbound_bytes
         return Committed(",".join(b.unit for b in acked), acked)
 
+    def seal(self) -> Callable[[], None] | None:
+        return None  # offsets are committed with the consumer, on the engine thread (`commit`)
+
+    def end_commit(self) -> Committed:
+        raise RuntimeError("at-least-once commits on the engine thread only")
+
     def abort(self) -> Committed:
         """Wait out the outstanding deliveries (none may land after the rewind), drop them all."""
         self._producer.flush(CALL_TIMEOUT_S)
@@ -499,6 +547,31 @@ class AtLeastOnce:
         """Outputs not yet acknowledged (a slow or unreachable broker) hold their batches: the
         engine pauses consuming until acknowledgements bring the held bytes under the cap."""
         return self._bytes >= self._max_bytes
+
+
+@dataclass(slots=True)
+class Committing:
+    """A sealed unit's commit, running on the committer thread: its call and when it started
+    (perf counter, for the commit histogram; wall clock, for the stage metrics)."""
+
+    future: Future[float]  # the perf counter when the commit returned
+    started: float
+    started_wall: float
+
+
+@dataclass(slots=True)
+class InFlight:
+    """The batch at the classifier: its records, the call, when it was handed over (monotonic,
+    for the stuck check; wall clock, for the stage metrics) and when the call finished."""
+
+    records: list[Record]
+    future: Future[Outcome]
+    started: float
+    submitted_at: float
+    classified_at: float = 0.0
+
+    def batch(self, outcome: Outcome) -> Batch:
+        return Batch(self.records, outcome, submitted_at=self.submitted_at, classified_at=self.classified_at)
 
 
 class ConfluentEngine:
@@ -520,7 +593,16 @@ class ConfluentEngine:
         self.first_record_at: float | None = None
         self.last_commit_at: float | None = None
         self._classifier = ThreadPoolExecutor(1, thread_name_prefix="classify")
-        self._inflight: tuple[list[Record], Future[Outcome], float] | None = None
+        self._inflight: InFlight | None = None
+        #: Exactly-once: the commit running off the engine thread, the batches classified while it
+        #: runs (produced into the next transaction once it returns), and when the last began.
+        self._committer = ThreadPoolExecutor(1, thread_name_prefix="commit")
+        self._committing: Committing | None = None
+        self._waiting: list[Batch] = []
+        self._commit_started_at = 0.0
+        self._floor_s = settings.commit.min_interval_ms / 1000
+        #: Set when the classifier's batch or a commit finishes: what the loop waits on.
+        self._wake = threading.Event()
         #: Seek targets left by an abort inside a rebalance callback, applied after the poll.
         self._rewind_to: dict[tuple[str, int], int] = {}
         self._in_callback = False
@@ -622,6 +704,8 @@ class ConfluentEngine:
                 self._alive()
             self._throttle()
             try:
+                if self._collect_commit():
+                    backoff.reset()
                 if self._turn(self._room(max_messages)):
                     last_message = time.monotonic()
                 if self._commit_due(max_messages):
@@ -630,7 +714,7 @@ class ConfluentEngine:
                 self._fail(e)
                 backoff.wait(self._should_stop)
                 continue
-            if not self._redo and self._inflight is None and not self.delivery.held():
+            if not self._redo and not self._in_hand() and not self.delivery.held():
                 self._progress_at = time.monotonic()  # nothing in hand: idle is not stuck
             if max_messages is not None and self.processed >= max_messages:
                 log.info("max messages reached", extra={"processed": self.processed})
@@ -658,6 +742,7 @@ class ConfluentEngine:
     def _close(self) -> None:
         self.housekeeping.stop()
         self._classifier.shutdown(wait=True)
+        self._committer.shutdown(wait=True)
         try:
             self.consumer.close()  # leaves the group, so the partitions move at once
         except (KafkaException, RuntimeError) as e:
@@ -673,20 +758,70 @@ class ConfluentEngine:
         """How many more messages may be polled now: `max_messages` counts what is held too."""
         if max_messages is None:
             return self.settings.batch.max_items
-        held = sum(len(b.records) for b in self.delivery.held())
+        held = sum(len(b.records) for b in [*self.delivery.held(), *self._waiting])
         if self._inflight is not None:
-            held += len(self._inflight[0])
+            held += len(self._inflight.records)
         return max(0, min(self.settings.batch.max_items, max_messages - self.processed - held))
 
+    def _in_hand(self) -> bool:
+        """A batch at the classifier, or classified and waiting for a commit to be produced."""
+        return self._inflight is not None or bool(self._waiting)
+
     def _commit_due(self, max_messages: int | None) -> bool:
-        """Commit at the interval, and at once when the last of `max_messages` is classified."""
-        last = max_messages is not None and self._inflight is None and self._room(max_messages) == 0
-        return self._commit_if(self.delivery.due(time.monotonic()) or last, final=last)
+        """When to commit. Exactly-once: as soon as nothing is in hand and `min_interval_ms` has
+        passed since the last commit began (a message waits for no interval at light load), at
+        the interval under load (when something always is), early at the unit's size caps; the
+        commit runs on the committer thread while the next batch is classified. At-least-once:
+        offsets at the interval. Both: at once, and on this thread, when the last of
+        `max_messages` is classified."""
+        if self._committing is not None:
+            return False
+        last = max_messages is not None and not self._in_hand() and self._room(max_messages) == 0
+        now = time.monotonic()
+        due = self.delivery.due(now) or (
+            self.exactly_once and not self._in_hand() and now - self._commit_started_at >= self._floor_s
+        )
+        if last or not self.exactly_once:
+            return self._commit_if(due or last, final=last)
+        if not due or (calls := self.delivery.seal()) is None:
+            return False
+        self._commit_started_at = now
+        committing = Committing(self._committer.submit(_timed, calls), time.perf_counter(), time.time())
+        committing.future.add_done_callback(lambda _f: self._wake.set())
+        self._committing = committing
+        return False
+
+    def _collect_commit(self, wait: bool = False) -> bool:
+        """Finish the commit under way once it returned (`wait`: block until it does): count
+        what it made durable, then produce the batches classified meanwhile into a new unit.
+        A failed commit raises here, on the engine thread, and is handled as any other."""
+        committing = self._committing
+        if committing is None or not (wait or committing.future.done()):
+            return False
+        self._committing = None
+        ended = committing.future.result()  # DeliveryError: the sealed unit is still held, `_fail` aborts it
+        self._committed(self.delivery.end_commit(), committing.started, committing.started_wall, ended)
+        self._produce_waiting()
+        return True
+
+    def _produce_waiting(self) -> None:
+        """Produce the classified batches into the open unit, unless a commit is under way."""
+        while self._waiting and self._committing is None:
+            self._add(self._waiting.pop(0))
+
+    def _poll_wait(self, wait_s: float) -> float:
+        """How long the next poll may block: briefly while a commit runs (its end lets the waiting
+        batches be produced), and no longer than until a deferred commit is due."""
+        if self._committing is not None:
+            return min(wait_s, COMMIT_POLL_S)
+        if self.exactly_once and self.delivery.held():
+            return min(wait_s, max(0.0, self._commit_started_at + self._floor_s - time.monotonic()))
+        return wait_s
 
     def _idle(self, last_message: float, idle_exit_s: float | None) -> bool:
         """Idle time counts from the last message or the last assignment, whichever is later: a
         slow group join on a busy machine is not an empty topic."""
-        if idle_exit_s is None or self._assigned_at is None or self._inflight is not None or self.delivery.held():
+        if idle_exit_s is None or self._assigned_at is None or self._in_hand() or self.delivery.held():
             return False
         return time.monotonic() - max(last_message, self._assigned_at) > idle_exit_s
 
@@ -699,34 +834,61 @@ class ConfluentEngine:
             self.hooks.on_stalled()
 
     def _classifier_stuck(self) -> bool:
-        return self._inflight is not None and time.monotonic() - self._inflight[2] > CLASSIFIER_STUCK_S
+        return self._inflight is not None and time.monotonic() - self._inflight.started > CLASSIFIER_STUCK_S
 
     # -- the pipelined turn -----------------------------------------------------------------
 
     def _turn(self, room: int) -> bool:
-        """One wait, for a message (classifier idle) or for the classifier. When batch N comes
-        back it is produced and batch N+1 handed over at once: N+1 is classified while N waits
-        for its commit. True when messages were taken."""
+        """One wait, for a message (classifier idle) or for the classifier or a commit. When batch
+        N comes back, batch N+1 is handed over first and N produced after: the classifier never
+        waits for a produce. N is held (`_waiting`) before the poll for N+1, so a revoke inside
+        that poll commits it. While a commit runs, one classified batch may wait for it; the
+        next is taken once it returned. True when messages were taken."""
+        if self._committing is not None and self._waiting:
+            room = 0  # bounded: one batch waiting for the commit, at most one at the classifier
         if self._inflight is None:
-            return self._submit(self._take(room, IDLE_POLL_S, self.settings.batch.max_wait_ms / 1000))
-        records, future, _started = self._inflight
-        try:
-            outcome = future.result(IDLE_POLL_S)  # InferenceError: left in flight for `_fail`
-        except FutureTimeout:
-            return False
+            if room == 0:
+                self._wake.wait(self._poll_wait(IDLE_POLL_S))
+                self._wake.clear()
+                return False
+            fill_s = self.settings.batch.max_wait_ms / 1000
+            return self._submit(self._take(room, self._poll_wait(IDLE_POLL_S), fill_s))
+        inflight = self._inflight
+        self._wake.clear()
+        if not inflight.future.done():
+            self._wake.wait(IDLE_POLL_S)
+            if not inflight.future.done():
+                return False
+        outcome = inflight.future.result()  # InferenceError: left in flight for `_fail`
         self._inflight = None
-        # N joins the transaction before the poll for N+1: a revoke inside that poll commits it
-        self.delivery.add(Batch(records, outcome))
+        self._waiting.append(inflight.batch(outcome))
+        if self._committing is not None:
+            room = 0 if len(self._waiting) > 1 else room
         # no fill wait here: it would idle the classifier; the backlog built up during N is the batch
-        return self._submit(self._take(room, 0.0, 0.0))
+        took = self._submit(self._take(room, 0.0, 0.0))
+        self._produce_waiting()
+        return took
 
     def _submit(self, records: list[Record]) -> bool:
         if not records:
             return False
         if self.first_record_at is None:
             self.first_record_at = time.perf_counter()
-        self._inflight = (records, self._classifier.submit(self.pipeline.process, records), time.monotonic())
+        inflight = InFlight(
+            records, self._classifier.submit(self.pipeline.process, records), time.monotonic(), time.time()
+        )
+        inflight.future.add_done_callback(lambda _f: self._classified(inflight))
+        self._inflight = inflight
         return True
+
+    def _classified(self, inflight: InFlight) -> None:
+        """On the classifier's thread, as its call returns: stamp the time, wake the loop."""
+        inflight.classified_at = time.time()
+        self._wake.set()
+
+    def _add(self, batch: Batch) -> None:
+        self.delivery.add(batch)
+        batch.produced_at = time.time()
 
     def _take(self, want: int, wait_s: float, fill_s: float) -> list[Record]:
         """A batch as soon as one message is there: the first message (waiting up to `wait_s`),
@@ -767,15 +929,21 @@ class ConfluentEngine:
     # -- commit, failure, rewind ------------------------------------------------------------
 
     def _commit_if(self, due: bool, final: bool = False) -> bool:
-        """Commit when due; count and report what was committed (once, after the commit)."""
+        """Commit on this thread when due; count and report what was committed (once, after)."""
         if not due:
             return False
-        started = time.perf_counter()
+        self._commit_started_at = time.monotonic()
+        started, started_wall = time.perf_counter(), time.time()
         done = self.delivery.commit(final)
         if done is None:
             return False
-        self.last_commit_at = time.perf_counter()
+        self._committed(done, started, started_wall, time.perf_counter())
+        return True
+
+    def _committed(self, done: Committed, started: float, started_wall: float, ended: float) -> None:
+        self.last_commit_at = ended
         self.hooks.on_commit(self.last_commit_at - started)
+        self._stages(done, started_wall, started_wall + self.last_commit_at - started)
         self._progress_at, self._redo = time.monotonic(), False
         now_ms = int(time.time() * 1000)
         messages = 0
@@ -785,7 +953,18 @@ class ConfluentEngine:
             self.hooks.on_committed(batch.outcome.outgoing, now_ms)
         self.processed += messages
         log.debug("batch committed", extra={"batch": done.unit, "messages": messages, "batches": len(done.batches)})
-        return True
+
+    def _stages(self, done: Committed, commit_started: float, committed: float) -> None:
+        """Where each committed message's time went, from its inbound timestamp to the commit."""
+        for batch in done.batches:
+            waits = [batch.submitted_at - r.timestamp_ms / 1000 for r in batch.records if r.timestamp_ms is not None]
+            spans = {
+                "classify": batch.classified_at - batch.submitted_at,
+                "produce": batch.produced_at - batch.classified_at,
+                "commit_wait": commit_started - batch.produced_at,
+                "commit": committed - commit_started,
+            }
+            self.hooks.on_stages(waits, spans, len(batch.records))
 
     def _settle(self) -> None:
         """Finish what is in hand: collect the classifier's batch, commit everything. Used on
@@ -793,11 +972,13 @@ class ConfluentEngine:
         if self._fatal is not None or self._refusal is not None:
             return
         try:
+            self._collect_commit(wait=True)
             if self._inflight is not None:
-                records, future, _started = self._inflight
-                outcome = future.result()
+                inflight = self._inflight
+                outcome = inflight.future.result()
                 self._inflight = None
-                self.delivery.add(Batch(records, outcome))
+                self._waiting.append(inflight.batch(outcome))
+            self._produce_waiting()
             self._commit_if(True, final=True)
         except (InferenceError, DeliveryError) as e:
             self._fail(e)
@@ -817,6 +998,8 @@ class ConfluentEngine:
         if counted:
             self.hooks.on_batch_failed(stage)
         held = self._drop_inflight()
+        held.extend(r for b in self._waiting for r in b.records)
+        self._waiting.clear()
         try:
             dropped = self.delivery.abort()
         except FatalDeliveryError as fatal:
@@ -843,13 +1026,17 @@ class ConfluentEngine:
         return self._refused(err, "producer")
 
     def _drop_inflight(self) -> list[Record]:
+        """Let the classifier and a commit under way finish (their results must not land after
+        the rewind, and the producer takes no abort while a commit call runs); a commit that
+        succeeded is counted, one that failed is left to the abort."""
+        with contextlib.suppress(DeliveryError):  # a failed commit's unit is aborted after this
+            self._collect_commit(wait=True)
         if self._inflight is None:
             return []
-        records, future, _started = self._inflight
-        self._inflight = None
+        inflight, self._inflight = self._inflight, None
         with contextlib.suppress(InferenceError):
-            future.result()  # let it finish: its result must not land after the rewind
-        return records
+            inflight.future.result()  # let it finish: its result must not land after the rewind
+        return inflight.records
 
     def _rewind(self, records: Sequence[Record]) -> None:
         """Seek each assigned partition back to the first offset of what was dropped (merged
@@ -939,7 +1126,7 @@ class ConfluentEngine:
         self._forget(partitions)
 
     def _abandon(self) -> None:
-        if self._inflight is not None or self.delivery.held():
+        if self._in_hand() or self._committing is not None or self.delivery.held():
             self._fail(DeliveryError("partitions lost"), counted=False)
 
     def _in_callback_run(self, fn: Callable[[], None]) -> None:
