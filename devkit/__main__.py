@@ -73,6 +73,7 @@ def latency(
     data: Annotated[Path | None, typer.Option(help="CLINC150 json (its test split).")] = None,
     env: Annotated[list[str], typer.Option(help="Worker setting as CW_NAME=value (repeatable).")] = [],  # noqa: B006
     out: Annotated[Path | None, typer.Option(help="Write the figures here as JSON.")] = None,
+    pin: Annotated[bool, typer.Option(help="Broker on a core of its own, the worker on the others.")] = False,
 ) -> None:
     """Latency only, at given rates, with per-stage figures: compare one worker setting quickly."""
     with _errors():
@@ -85,7 +86,7 @@ def latency(
 
         configure_logging("WARNING")
         overrides = dict(item.split("=", 1) for item in env)
-        figures = run_latency(data, rate, mode, seconds, overrides, Console())
+        figures = run_latency(data, rate, mode, seconds, overrides, Console(), pin)
         if out is not None:
             out.write_text(json.dumps(figures, indent=2))
 

@@ -520,18 +520,44 @@ def run_bench(
     return results
 
 
+def pin_broker(broker_pid: int) -> tuple[set[int], set[int]]:
+    """Fair measurement on a small machine: the broker (every thread of it) on the last usable
+    core, this process and the workers it starts (which size their thread pools from their
+    affinity, `worker.cpus`) on the others, so machine contention and design can be told apart.
+    Returns (broker cores, worker cores)."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        raise RuntimeError("pinning needs at least two usable cores")
+    broker_cores, others = {cores[-1]}, set(cores[:-1])
+    for task in Path(f"/proc/{broker_pid}/task").iterdir():
+        with contextlib.suppress(OSError):  # a thread that just ended
+            os.sched_setaffinity(int(task.name), broker_cores)
+    os.sched_setaffinity(0, others)
+    return broker_cores, others
+
+
 def run_latency(
-    data: Path | None, rates: list[float], modes: list[str], seconds: float, env: dict[str, str], console: Console
+    data: Path | None,
+    rates: list[float],
+    modes: list[str],
+    seconds: float,
+    env: dict[str, str],
+    console: Console,
+    pin: bool = False,
 ) -> dict[str, Any]:
     """`python -m devkit latency`: only the latency runs, at the given rates (messages/s), with
     worker settings overridden by `env` (CW_… variables): quick comparisons of one setting, on
-    one fresh broker, with the per-stage breakdown. Prints a table, returns the figures."""
+    one fresh broker, with the per-stage breakdown; `pin`: the broker on a core of its own
+    (`pin_broker`). Prints a line per run, returns the figures."""
     texts, _source = load_texts(data)
     bundle_path = default_bundle_path()
     figures: dict[str, Any] = {}
     with contextlib.ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="classify-latency-")))
         broker = stack.enter_context(bench_broker(workdir))
+        if pin and broker.pid is not None:
+            broker_cores, worker_cores = pin_broker(broker.pid)
+            console.print(f"broker pinned to cores {sorted(broker_cores)}, workers to {sorted(worker_cores)}")
         for mode in modes:
             for rate in rates:
                 point = _latency_at(broker, texts, bundle_path, rate, seconds, workdir, mode, env)
@@ -600,6 +626,13 @@ def summary_table(r: Results) -> Table:
                 f"{lat['p50_ms']:.0f} / {lat['p95_ms']:.0f} / {lat['p99_ms']:.0f}",
                 _latency_target(mode, frac),
             )
+    for mode in MODES:
+        for frac in ("0.1", "0.5", "0.75"):
+            lat = f["latency"][mode].get(frac)
+            if lat is None or "stages" not in lat:
+                continue
+            stages = " · ".join(f"{k} {v['p50_ms']:.0f}/{v['p99_ms']:.0f}" for k, v in lat["stages"].items())
+            t.add_row(f"{mode}, {float(frac):.0%} load: per stage, p50/p99 ms", stages, "")
     cores = f["latency"]["exactly_once"].get("0.5", {}).get("cores_used", {})
     if cores and None not in cores.values():
         t.add_row(
@@ -626,7 +659,7 @@ def write_results(r: Results, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     doc = {"machine": r.machine, "texts": r.texts, "source": r.source, **r.figures}
     (out_dir / "latest.json").write_text(json.dumps(doc, indent=2) + "\n")
-    console = Console(record=True, width=130, file=open(os.devnull, "w"))  # noqa: SIM115
+    console = Console(record=True, width=200, file=open(os.devnull, "w"))  # noqa: SIM115
     console.print(summary_table(r))
     (out_dir / "latest.md").write_text("```\n" + console.export_text() + "```\n")
     _plots(r, out_dir)

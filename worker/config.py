@@ -129,6 +129,9 @@ class BatchSettings(_Section):
     #: Once a batch's first message is in, how much longer to wait for more. Measured with the
     #: default model at 215 msgs/s on 2 cores: p99 75 ms with 5, 116 ms with 20 (bench/NOTES.md).
     max_wait_ms: int = Field(default=5, ge=0, le=60_000)
+    #: A batch takes about this much classifier time at the measured cost per message, growing
+    #: while a backlog lasts (`worker.batching`); 0: `max_items` alone bounds it.
+    max_ms: int = Field(default=25, ge=0, le=60_000)
 
 
 class CommitSettings(_Section):

@@ -41,6 +41,7 @@ from confluent_kafka import (
     TopicPartition,
 )
 
+from worker.batching import BatchSizer
 from worker.config import Settings
 from worker.errors import DeliveryError, FatalDeliveryError, InferenceError, WedgedClientError
 from worker.housekeeping import Housekeeping
@@ -603,6 +604,7 @@ class ConfluentEngine:
         self._floor_s = settings.commit.min_interval_ms / 1000
         #: Set when the classifier's batch or a commit finishes: what the loop waits on.
         self._wake = threading.Event()
+        self._sizer = BatchSizer(settings.batch.max_ms / 1000, settings.batch.max_items)
         #: Seek targets left by an abort inside a rebalance callback, applied after the poll.
         self._rewind_to: dict[tuple[str, int], int] = {}
         self._in_callback = False
@@ -861,6 +863,7 @@ class ConfluentEngine:
                 return False
         outcome = inflight.future.result()  # InferenceError: left in flight for `_fail`
         self._inflight = None
+        self._sizer.classified(len(inflight.records), outcome.inference_seconds)
         self._waiting.append(inflight.batch(outcome))
         if self._committing is not None:
             room = 0 if len(self._waiting) > 1 else room
@@ -896,15 +899,18 @@ class ConfluentEngine:
         to fill (`batch.max_wait_ms` when the classifier was idle, else nothing).
 
         The batch is as large as the backlog that built up while the classifier worked on the
-        previous one (a dynamic batcher): one message at light load, `want` under a backlog."""
+        previous one (a dynamic batcher): one message at light load; under a backlog, about
+        `batch.max_ms` of classifier time, growing while the backlog lasts (`BatchSizer`)."""
         if want <= 0:
             return []
+        want = min(want, self._sizer.limit())
         messages: list[Message] = []
         first = self.consumer.poll(wait_s)
         if first is not None:
             messages.append(first)
             if want > 1:
                 messages.extend(self.consumer.consume(num_messages=want - 1, timeout=fill_s))
+            self._sizer.taken(len(messages), want)
         records = self._records(messages)
         if self._rewind_to:  # a rebalance callback aborted: these follow what must be redone
             self._rewind([*records])
