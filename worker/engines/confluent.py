@@ -1,15 +1,17 @@
-"""The main loop on confluent-kafka, pipelined: while micro-batch N is produced and committed on
-this thread, micro-batch N+1 is decoded and classified on a worker thread (onnxruntime releases
-the GIL). Bounded: one batch at the classifier, and the batches of one commit interval awaiting
-their commit. Every librdkafka consumer call stays on the engine's thread.
+"""The main loop on confluent-kafka, pipelined on three threads: the engine thread polls, produces
+and owns every consumer call; the classifier thread runs micro-batch N+1 while N is produced
+(N+1 is handed over first); the committer thread runs a transaction's commit while the next
+batch is classified (librdkafka allows one open transaction per producer, so what is classified
+meanwhile waits for the commit before it is produced). Bounded: one batch at the classifier, one
+waiting for a commit, and a commit unit's batches. Design and measurements: docs/engines.md.
 
 Exactly-once (default), as Kafka Streams does it under EOS: one transaction spans the
-micro-batches of a commit interval (`CW_COMMIT__INTERVAL_MS`, or `CW_COMMIT__MAX_ITEMS`
-inbound messages); outputs are produced as each micro-batch is classified, then the offsets are
-sent and the transaction committed. Any failure (classifier, produce, commit) aborts the whole
-transaction and seeks back to the first offsets it held, so its batches are processed again. A
-fatal error (fenced by a newer replica with our transactional id) ends the process non-zero.
-Revoked partitions never leave a transaction open: `on_revoke` finishes it (or aborts it).
+micro-batches in hand; it commits as soon as nothing is in hand (at most every
+`CW_COMMIT__MIN_INTERVAL_MS`), at `CW_COMMIT__INTERVAL_MS` under load, early at the unit's size
+caps. Any failure (classifier, produce, commit) aborts the whole transaction and seeks back to
+the first offsets it held, so its batches are processed again. A fatal error (fenced by a newer
+replica with our transactional id) ends the process non-zero. Revoked partitions never leave a
+transaction open: `on_revoke` finishes it (or aborts it).
 
 At-least-once: asynchronous produce with an idempotent producer; offsets are committed at the
 interval up to the last micro-batch whose outputs were all acknowledged, in order.
