@@ -1,6 +1,7 @@
 """Lag and topic checks on their own thread and admin client, for either engine: a slow
 metadata or offsets request never delays a batch, and both engines report lag and recreate a
-deleted output topic the same way."""
+deleted output topic the same way. The same thread hands freed heap memory back to the OS now
+and then (worker/memory.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from confluent_kafka.admin import AdminClient, OffsetSpec  # type: ignore[attr-d
 
 from worker.config import Settings
 from worker.errors import DeliveryError
+from worker.memory import release_free_memory
 from worker.observability import Hooks
 from worker.routing import Router
 from worker.topics import ADMIN_TIMEOUT_S, admin_client, ensure_topics, missing_topics, required_topics
@@ -24,6 +26,9 @@ log = logging.getLogger(__name__)
 TOPIC_CHECK_INTERVAL_S = 10.0
 #: How often lag is computed from watermarks and committed offsets.
 LAG_INTERVAL_S = 5.0
+#: How often freed heap memory is handed back to the OS: a trim costs a few milliseconds, and a
+#: burst's freed memory is given back within a minute of it.
+MEMORY_TRIM_INTERVAL_S = 60.0
 #: Stop waits this long for the housekeeping thread: a shutdown must fit the pod's grace period.
 HOUSEKEEPING_JOIN_S = 1.0
 
@@ -66,6 +71,7 @@ class Housekeeping:
     def _run(self) -> None:
         next_lag = 0.0
         next_topics = time.monotonic() + TOPIC_CHECK_INTERVAL_S
+        next_trim = time.monotonic() + MEMORY_TRIM_INTERVAL_S
         while not self._stopped.is_set():
             now = time.monotonic()
             if self._topics_now or now >= next_topics:
@@ -74,11 +80,14 @@ class Housekeeping:
             if now >= next_lag:
                 next_lag = now + LAG_INTERVAL_S
                 self._safely(self.report_lag)
-            self._wake.wait(max(0.0, min(next_lag, next_topics) - time.monotonic()))
+            if now >= next_trim:
+                next_trim = now + MEMORY_TRIM_INTERVAL_S
+                self._safely(release_free_memory)
+            self._wake.wait(max(0.0, min(next_lag, next_topics, next_trim) - time.monotonic()))
             self._wake.clear()
 
     @staticmethod
-    def _safely(check: Callable[[], None]) -> None:
+    def _safely(check: Callable[[], object]) -> None:
         """An unexpected error is logged and the timer goes on: a dead housekeeping thread would
         silently freeze the lag gauge and stop recreating deleted topics."""
         try:
