@@ -23,8 +23,8 @@ from worker.train.data import Example
 log = logging.getLogger(__name__)
 
 #: Ridge added to the shared covariance, as a share of its mean variance: keeps the inverse
-#: finite when some embedding directions barely vary (tanh-saturated units), changes nothing
-#: measurable otherwise.
+#: finite when some embedding directions barely vary (tanh-saturated units) or when there are
+#: fewer training texts than dimensions; on CLINC150 it changes nothing measurable.
 SHRINKAGE = 1e-4
 #: The head's possible operators and the quantization steps between it and its input.
 _PRODUCTS = ("Gemm", "MatMul", "MatMulIntegerToFloat", "QLinearMatMul")
@@ -67,8 +67,8 @@ def fit(embeddings: np.ndarray, labels: Sequence[str]) -> Mahalanobis:
     float64; stored as the whitening `W = V Λ^-1/2` of `Σ = V Λ Vᵀ` and the whitened means."""
     x = np.asarray(embeddings, dtype=np.float64)
     names = sorted(set(labels))
-    if len(names) < 1 or len(x) <= x.shape[1]:
-        raise ModelError(f"Mahalanobis fit: {len(x)} embeddings of width {x.shape[1]} are too few")
+    if not names:
+        raise ModelError("Mahalanobis fit: no in-scope training examples")
     index = np.array([names.index(lb) for lb in labels])
     means = np.stack([x[index == i].mean(axis=0) for i in range(len(names))])
     centred = x - means[index]
