@@ -7,7 +7,9 @@ encoder on short texts, onnxruntime's intra-op threads spend more time synchroni
 computing (measured in bench/NOTES.md). Texts longer than the model's limit are split into
 overlapping chunks whose probabilities are averaged instead of being silently truncated; past
 `max_chunks` chunks (`CW_LIMITS__MAX_CHUNKS`) a text is classified on its first chunks, and the
-`Encoded.truncated` entry says how much of it that covers.
+`Encoded.truncated` entry says how much of it that covers. A bundle with a Mahalanobis fit
+(`worker.model.distance`) also gets each text's distance from the graph's pooled-embedding output,
+averaged over its chunks like the probabilities.
 """
 
 from __future__ import annotations
