@@ -327,7 +327,8 @@ def evaluate_cmd(
     config: ConfigOpt = None,
 ) -> None:
     """In-scope accuracy (as deployed and argmax), out-of-scope recall, routing accuracy, macro-F1,
-    each with a 95% bootstrap interval; per-route P/R; items/s."""
+    out-of-scope AUROC and FPR at 95% TPR per score, each with a 95% bootstrap interval; per-route
+    P/R; items/s."""
     with _errors():
         settings = _settings(config)
         from worker.model import Classifier, load_bundle
@@ -343,8 +344,10 @@ def evaluate_cmd(
             examples = read_examples(data, cols)
         bundle = load_bundle(model or settings.model.path)
         router = Router(bundle.routes, bundle.labels, settings)
-        result = evaluate.metrics(evaluate.score(Classifier(bundle), router, examples), router.threshold)
+        scored = evaluate.score(Classifier(bundle), router, examples)
+        result = evaluate.metrics(scored, router.threshold, router.max_distance)
         result["model"] = bundle.model_id
+        result["score"] = bundle.routes.score
         if as_json:
             typer.echo(json.dumps(result, indent=2))
         else:
@@ -455,7 +458,7 @@ def _print_metrics(result: dict[str, Any], title: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from worker.train.evaluate import HEADLINE
+    from worker.train.evaluate import HEADLINE, detection_rows
 
     def pct(x: float | None) -> str:
         return "n/a" if x is None else f"{x:.2%}"
@@ -467,10 +470,13 @@ def _print_metrics(result: dict[str, Any], title: str) -> None:
     summary.add_row(
         "examples (in scope / out of scope)", f"{result['examples']} ({result['in_scope']} / {result['out_of_scope']})"
     )
-    for key, label in HEADLINE:
+    for key, label in [*HEADLINE, *detection_rows(result)]:
         lo_hi = result["intervals_95"].get(key)
         summary.add_row(label, pct(result[key]), f"{pct(lo_hi[0])} to {pct(lo_hi[1])}" if lo_hi else "")
+    summary.add_row("out-of-scope score", result.get("score", "category"))
     summary.add_row("threshold", f"{result['threshold']}")
+    if result.get("max_distance") is not None:
+        summary.add_row("max distance", f"{result['max_distance']:.4g}")
     summary.add_row("items/s", f"{result['items_per_s']:.0f}")
     routes = Table(title="per route")
     for col in ("route", "precision", "recall", "support"):

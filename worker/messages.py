@@ -75,7 +75,15 @@ class Route(BaseModel):
     top_k: list[ScoredLabel]
     model: str = Field(description="Model name and content-hash version, e.g. 'clinc150-minilm@3f2a…'.")
     fallback: bool
-    reason: Literal["low_confidence", "fallback_label"] | None = None
+    reason: Literal["low_confidence", "fallback_label", "out_of_distribution"] | None = None
+    distance: float | None = Field(
+        default=None,
+        ge=0.0,
+        description=(
+            "Only with a bundle that has a Mahalanobis fit: distance of the text's pooled embedding to the "
+            "nearest in-scope label; over routes.json's max_distance it falls back as out_of_distribution."
+        ),
+    )
     truncated: Truncated | None = Field(
         default=None,
         description="Only on a text longer than CW_LIMITS__MAX_CHUNKS chunks: it was routed on its beginning.",

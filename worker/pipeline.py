@@ -88,6 +88,8 @@ class Verdict:
     decision: Decision
     #: set when the text was longer than the classifier reads (`CW_LIMITS__MAX_CHUNKS`)
     truncation: Truncation | None = None
+    #: Mahalanobis distance to the nearest in-scope label, when the bundle has a fit
+    distance: float | None = None
 
     @property
     def route(self) -> str:
@@ -114,12 +116,13 @@ def judge(classifier: Classifier, router: Router, texts: list[str]) -> tuple[lis
 
 def verdicts_of(classifier: Classifier, router: Router, encoded: Encoded) -> list[Verdict]:
     """Inference and routing on already tokenized texts."""
-    probs = classifier.proba_of(encoded)
-    predictions = classifier.predictions(probs)
-    category_scores = router.category_scores(probs).tolist()
+    inference = classifier.infer(encoded)
+    predictions = classifier.predictions(inference.probs)
+    category_scores = router.category_scores(inference.probs).tolist()
+    distances = [None] * len(predictions) if inference.distances is None else inference.distances.tolist()
     return [
-        Verdict(p, score, router.route(p.label, score), encoded.truncated.get(i))
-        for i, (p, score) in enumerate(zip(predictions, category_scores, strict=True))
+        Verdict(p, score, router.route(p.label, score, d), encoded.truncated.get(i), d)
+        for i, (p, score, d) in enumerate(zip(predictions, category_scores, distances, strict=True))
     ]
 
 
@@ -378,6 +381,8 @@ class Pipeline:
             "model": self.model_id,
             "fallback": decision.fallback,
         }
+        if verdict.distance is not None:
+            route["distance"] = round(verdict.distance, 6)
         if decision.reason:
             route["reason"] = decision.reason
         if verdict.truncation is not None:

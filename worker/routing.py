@@ -1,7 +1,9 @@
 """Label → category → topic, and the decision to fall back.
 
-A prediction falls back when its label is one the bundle marks as out-of-scope, or when its
-category's probability is under the threshold (the settings' override, else the bundle's own).
+A prediction falls back when its label is one the bundle marks as out-of-scope, when its
+category's probability is under the threshold (the settings' override, else the bundle's own),
+or, when the bundle's `routes.json` sets `max_distance`, when its pooled embedding lies further
+than that from every in-scope label (Mahalanobis distance, `worker.model.distance`).
 The threshold is compared with the summed probability of every label in the top label's
 category, not with the top label's own: a query split between two intents of one category
 (a balance question that is either `balance` or `bill_balance`) still routes with confidence.
@@ -24,7 +26,7 @@ from worker.model.bundle import RouteTable
 _ILLEGAL = re.compile(r"[^a-zA-Z0-9._-]")
 MAX_TOPIC_LENGTH = 249
 
-FallbackReason = Literal["low_confidence", "fallback_label"]
+FallbackReason = Literal["low_confidence", "fallback_label", "out_of_distribution"]
 
 
 def sanitize_topic_part(name: str) -> str:
@@ -44,6 +46,7 @@ class Decision:
 class Router:
     def __init__(self, table: RouteTable, labels: tuple[str, ...], settings: Settings) -> None:
         self.threshold = settings.routing.threshold if settings.routing.threshold is not None else table.threshold
+        self.max_distance = table.max_distance
         self.fallback_topic = settings.topics.fallback
         self._fallback_labels = table.fallback_labels
         self._category = {label: table.categories.get(label, label) for label in labels}
@@ -103,10 +106,13 @@ class Router:
         scores: np.ndarray = np.minimum(per_category[np.arange(len(probs)), top], 1.0)
         return scores
 
-    def route(self, label: str, category_score: float) -> Decision:
+    def route(self, label: str, category_score: float, distance: float | None = None) -> Decision:
+        """Where one prediction goes; `distance` is ignored unless the bundle sets `max_distance`."""
         category = self.category_of(label)
         if label in self._fallback_labels:
             return Decision(self.fallback_topic, category, True, "fallback_label")
         if category_score < self.threshold:
             return Decision(self.fallback_topic, category, True, "low_confidence")
+        if self.max_distance is not None and distance is not None and distance > self.max_distance:
+            return Decision(self.fallback_topic, category, True, "out_of_distribution")
         return Decision(self._topic[category], category, False, None)

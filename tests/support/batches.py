@@ -1,5 +1,6 @@
-"""The batch-independence check of issue 16: a text's probabilities do not depend on which other
-texts share its `predict_proba` call, so a replayed message takes the same route."""
+"""The batch-independence check of issue 16: a text's probabilities (and Mahalanobis distance)
+do not depend on which other texts share its inference call, so a replayed message takes the
+same route."""
 
 from __future__ import annotations
 
@@ -25,17 +26,25 @@ def mixed_lengths(texts: list[str], n: int, seed: int = 0) -> list[str]:
     return out
 
 
+def _scores(classifier: Classifier, texts: list[str]) -> np.ndarray:
+    """Probabilities, and the Mahalanobis distance as a last column when the bundle has a fit."""
+    inference = classifier.infer(classifier.encode(texts))
+    if inference.distances is None:
+        return inference.probs
+    return np.hstack([inference.probs, inference.distances[:, None]])
+
+
 def worst_batch_difference(classifier: Classifier, texts: list[str], seed: int = 0) -> float:
-    """Largest |Δp| between each text scored alone and the same text inside shuffled batches of
-    every size in BATCH_SIZES."""
+    """Largest |Δp| (and |Δ distance|, when the bundle has a Mahalanobis fit) between each text
+    scored alone and the same text inside shuffled batches of every size in BATCH_SIZES."""
     rng = random.Random(seed)
-    alone = np.stack([classifier.predict_proba([t])[0] for t in texts])
+    alone = np.vstack([_scores(classifier, [t]) for t in texts])
     worst = 0.0
     for size in BATCH_SIZES:
         order = list(range(len(texts)))
         rng.shuffle(order)
         for start in range(0, len(order), size):
             idx = order[start : start + size]
-            probs = classifier.predict_proba([texts[i] for i in idx])
-            worst = max(worst, float(np.abs(probs - alone[idx]).max()))
+            scores = _scores(classifier, [texts[i] for i in idx])
+            worst = max(worst, float(np.abs(scores - alone[idx]).max()))
     return worst

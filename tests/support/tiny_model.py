@@ -60,17 +60,30 @@ def build_weights(tok: Tokenizer, keywords: dict[str, str] | None = None) -> np.
     return weights
 
 
-def build_graph(weights: np.ndarray, n_outputs: int | None = None) -> onnx.ModelProto:
-    """logits[b, c] = sum_t mask[b, t] * W[ids[b, t], c]"""
+def build_graph(weights: np.ndarray, n_outputs: int | None = None, head: bool = False) -> onnx.ModelProto:
+    """logits[b, c] = sum_t mask[b, t] * W[ids[b, t], c]; with `head`, the sum is a "pooled"
+    tensor that an identity classifier head (MatMul + bias Add, as BERT's) turns into the same
+    logits, so the graph has a head input to expose as an embedding."""
     if n_outputs is not None:
         weights = weights[:, :n_outputs]
+    summed = "pooled" if head else "logits"
     nodes = [
         helper.make_node("Gather", ["W", "input_ids"], ["emb"]),
         helper.make_node("Cast", ["attention_mask"], ["maskf"], to=TensorProto.FLOAT),
         helper.make_node("Unsqueeze", ["maskf", "axis2"], ["mask3"]),
         helper.make_node("Mul", ["emb", "mask3"], ["masked"]),
-        helper.make_node("ReduceSum", ["masked", "axis1"], ["logits"], keepdims=0),
+        helper.make_node("ReduceSum", ["masked", "axis1"], [summed], keepdims=0),
     ]
+    width = weights.shape[1]
+    head_weights = [
+        numpy_helper.from_array(np.eye(width, dtype=np.float32), "H"),
+        numpy_helper.from_array(np.zeros(width, dtype=np.float32), "H_bias"),
+    ]
+    if head:
+        nodes += [
+            helper.make_node("MatMul", ["pooled", "H"], ["head"]),
+            helper.make_node("Add", ["head", "H_bias"], ["logits"]),
+        ]
     graph = helper.make_graph(
         nodes,
         "tiny-bow",
@@ -83,6 +96,7 @@ def build_graph(weights: np.ndarray, n_outputs: int | None = None) -> onnx.Model
             numpy_helper.from_array(weights, "W"),
             numpy_helper.from_array(np.array([2], dtype=np.int64), "axis2"),
             numpy_helper.from_array(np.array([1], dtype=np.int64), "axis1"),
+            *(head_weights if head else []),
         ],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -101,11 +115,12 @@ def build_bundle(
     n_outputs: int | None = None,
     keywords: dict[str, str] | None = None,
     name: str = "tiny-bow",
+    head: bool = False,
 ) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(padding_to)
     tok.save(str(directory / "tokenizer.json"))
-    onnx.save(build_graph(build_weights(tok, keywords), n_outputs), str(directory / "model.onnx"))
+    onnx.save(build_graph(build_weights(tok, keywords), n_outputs, head), str(directory / "model.onnx"))
     config = {"name": name, "id2label": {str(i): lb for i, lb in enumerate(LABELS)}, "max_length": max_length}
     (directory / "config.json").write_text(json.dumps(config))
     if routes:

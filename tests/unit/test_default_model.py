@@ -123,3 +123,23 @@ def test_issue_targets_on_the_clinc150_test_split(test_metrics: dict) -> None:
     assert test_metrics["in_scope_accuracy"] >= 0.950
     assert test_metrics["out_of_scope_recall"] >= 0.85
     assert test_metrics["routing_accuracy"] >= 0.950
+
+
+@clinc
+@pytest.mark.slow
+def test_out_of_scope_auroc_meets_issue_26s_target(test_metrics: dict) -> None:
+    """Issue 26: AUROC >= 0.97 on test, in scope = positive, for the score the bundle routes on."""
+    assert test_metrics["auroc_softmax"] >= 0.97, test_metrics["auroc_softmax"]
+
+
+@clinc
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 26: 85.4% out-of-scope recall, 94.7% deployed in-scope, 94.4% routing on test; a "
+    "Mahalanobis score did not beat the category score on validation (docs/model-card.md)",
+)
+def test_issue_26_targets_on_the_clinc150_test_split(test_metrics: dict) -> None:
+    assert test_metrics["out_of_scope_recall"] >= 0.90
+    assert test_metrics["in_scope_accuracy"] >= 0.955
+    assert test_metrics["routing_accuracy"] >= 0.96

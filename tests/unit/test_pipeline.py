@@ -135,7 +135,7 @@ def test_classifier_failure_fails_the_whole_batch(pipeline: Pipeline, monkeypatc
     def boom(texts: list[str]) -> object:
         raise InferenceError("simulated")
 
-    monkeypatch.setattr(pipeline.classifier, "proba_of", boom)
+    monkeypatch.setattr(pipeline.classifier, "infer", boom)
     with pytest.raises(InferenceError):
         pipeline.process([rec(b'{"text": "rain"}')])
 

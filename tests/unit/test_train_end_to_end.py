@@ -21,6 +21,7 @@ from tests.support.batches import MAX_ABS_DIFF, mixed_lengths, worst_batch_diffe
 from worker.cli import app
 from worker.config import load_settings
 from worker.model import Classifier, load_bundle
+from worker.model.distance import DISTANCE_FILE
 from worker.pipeline import build_pipeline
 from worker.records import Record
 
@@ -88,7 +89,13 @@ def test_train_writes_a_bundle_the_worker_routes_with(tmp_path: Path) -> None:
 
     for name in ("model.onnx", "tokenizer.json", "config.json", "routes.json", "metrics.json", "README.md"):
         assert (out / name).is_file(), f"bundle lacks {name}"
+    assert (out / DISTANCE_FILE).is_file(), "train fits the Mahalanobis score by default"
     metrics = json.loads((out / "metrics.json").read_text())
+    rule = metrics["out_of_scope_score"]
+    assert [c["score"] for c in rule["candidates"]] == ["category", "mahalanobis", "category+mahalanobis"]
+    assert json.loads((out / "routes.json").read_text()).get("score") == rule["score"], "routes.json names it"
+    for key in ("auroc_softmax", "fpr_at_95_tpr_softmax", "auroc_mahalanobis", "fpr_at_95_tpr_mahalanobis"):
+        assert key in metrics["test"] and key in metrics["test"]["intervals_95"], f"test figures lack {key}"
     assert metrics["data"]["added_to_train"] == {"extra_oos.jsonl": 2}
     d = metrics["data"]
     assert d["train"] + d["val"] + d["test"] == len(rows) + 2, "added rows join training only"

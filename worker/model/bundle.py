@@ -1,5 +1,6 @@
 """Load and validate a model bundle: `model.onnx`, `tokenizer.json`, `config.json` (with
-`id2label`) and an optional `routes.json` (label → category, threshold, fallback labels).
+`id2label`), an optional `routes.json` (label → category, which out-of-scope score and its
+threshold, fallback labels) and an optional `mahalanobis.npz` (`worker.model.distance`).
 
 Everything that can be wrong with a bundle is found here, at start, as a `ModelError` that
 names the file — never as a shape error in the middle of a batch.
@@ -14,11 +15,16 @@ from pathlib import Path
 from typing import Any
 
 from worker.errors import ModelError
+from worker.model.distance import DISTANCE_FILE
 
 MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "config.json"
 ROUTES_FILE = "routes.json"
+#: The out-of-scope scores `routes.json` can name: the predicted category's probability (compared
+#: with `threshold`), the Mahalanobis distance (compared with `max_distance`), or both, where
+#: either one sends an item to the fallback topic.
+SCORES = ("category", "mahalanobis", "category+mahalanobis")
 #: Used when config.json names no limit; BERT-family position tables have 512 entries.
 DEFAULT_MAX_LENGTH = 512
 
@@ -30,6 +36,15 @@ class RouteTable:
     categories: dict[str, str] = field(default_factory=dict)
     threshold: float = 0.0
     fallback_labels: frozenset[str] = frozenset()
+    #: An item whose Mahalanobis distance exceeds this falls back; None: the distance is not used.
+    max_distance: float | None = None
+
+    @property
+    def score(self) -> str:
+        """Which of `SCORES` decides fallback, besides the fallback labels."""
+        if self.max_distance is None:
+            return "category"
+        return "mahalanobis" if self.threshold == 0.0 else "category+mahalanobis"
 
 
 @dataclass(frozen=True)
@@ -53,6 +68,12 @@ class Bundle:
     @property
     def tokenizer_file(self) -> Path:
         return self.path / TOKENIZER_FILE
+
+    @property
+    def distance_file(self) -> Path | None:
+        """The Mahalanobis fit, when the bundle has one."""
+        file = self.path / DISTANCE_FILE
+        return file if file.is_file() else None
 
 
 def default_bundle_path() -> Path:
@@ -100,12 +121,26 @@ def _routes(path: Path, labels: tuple[str, ...]) -> RouteTable:
     unknown = (set(categories) | set(fallback)) - set(labels)
     if unknown:
         raise ModelError(f"{path}: labels not in config.json id2label: {sorted(unknown)[:5]}")
-    return RouteTable(dict(categories), float(threshold), frozenset(map(str, fallback)))
+    table = RouteTable(dict(categories), float(threshold), frozenset(map(str, fallback)), _max_distance(doc, path))
+    if doc.get("score", table.score) != table.score:
+        raise ModelError(
+            f"{path}: 'score' says {doc.get('score')!r} but 'threshold' and 'max_distance' make it {table.score!r}"
+        )
+    return table
+
+
+def _max_distance(doc: dict[str, Any], path: Path) -> float | None:
+    value = doc.get("max_distance")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ModelError(f"{path}: 'max_distance' must be a positive number")
+    return float(value)
 
 
 def _version(path: Path) -> str:
     digest = hashlib.sha256()
-    for name in (MODEL_FILE, TOKENIZER_FILE, CONFIG_FILE, ROUTES_FILE):
+    for name in (MODEL_FILE, TOKENIZER_FILE, CONFIG_FILE, ROUTES_FILE, DISTANCE_FILE):
         file = path / name
         if file.exists():
             digest.update(name.encode())

@@ -7,7 +7,9 @@ encoder on short texts, onnxruntime's intra-op threads spend more time synchroni
 computing (measured in bench/NOTES.md). Texts longer than the model's limit are split into
 overlapping chunks whose probabilities are averaged instead of being silently truncated; past
 `max_chunks` chunks (`CW_LIMITS__MAX_CHUNKS`) a text is classified on its first chunks, and the
-`Encoded.truncated` entry says how much of it that covers.
+`Encoded.truncated` entry says how much of it that covers. A bundle with a Mahalanobis fit
+(`worker.model.distance`) also gets each text's distance from the graph's pooled-embedding output,
+averaged over its chunks like the probabilities.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from tokenizers import Encoding, Tokenizer
 from worker.config import DEFAULT_TOKEN_BUDGET
 from worker.cpus import usable_cores
 from worker.errors import InferenceError, ModelError
+from worker.model import distance
 from worker.model.bundle import Bundle
 
 #: Above this many rows a sub-batch stops paying off even for very short queries.
@@ -42,6 +45,16 @@ class Prediction:
     label: str
     score: float
     top_k: tuple[tuple[str, float], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Inference:
+    """What the model says about each text of a batch: class probabilities and, when the bundle
+    has a Mahalanobis fit, the distance of its pooled embedding to the nearest in-scope label
+    (both averaged over a long text's chunks)."""
+
+    probs: np.ndarray
+    distances: np.ndarray | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,17 +146,37 @@ class Classifier:
         if "input_ids" not in self._inputs:
             raise ModelError(f"{bundle.model_file}: graph has no 'input_ids' input ({sorted(self._inputs)})")
         self._output = self._session.get_outputs()[0].name
+        outputs = {o.name for o in self._session.get_outputs()}
+        self._embedding = distance.EMBEDDING_OUTPUT if distance.EMBEDDING_OUTPUT in outputs else None
+        self.distance = self._distance_fit(bundle)
         self._check_labels()
+
+    def _distance_fit(self, bundle: Bundle) -> distance.Mahalanobis | None:
+        if bundle.distance_file is None:
+            if bundle.routes.max_distance is not None:
+                raise ModelError(f"{bundle.path}: routes.json sets 'max_distance', {distance.DISTANCE_FILE} is missing")
+            return None
+        if self._embedding is None:
+            raise ModelError(
+                f"{bundle.model_file}: {distance.DISTANCE_FILE} needs the graph output {distance.EMBEDDING_OUTPUT!r}"
+            )
+        return distance.load(bundle.distance_file, bundle.labels)
 
     def _check_labels(self) -> None:
         try:
-            probe = self._run(self._tok.encode_batch(["probe"]))
+            probe, embedding = self._run(self._tok.encode_batch(["probe"]))
         except InferenceError as e:
             raise ModelError(f"{self.bundle.model_file}: fails on a probe input ({e})") from e
         if probe.shape[-1] != len(self.labels):
             raise ModelError(
                 f"{self.bundle.path}: model has {probe.shape[-1]} outputs but config.json names "
                 f"{len(self.labels)} labels"
+            )
+        if self.distance is not None and (embedding is None or embedding.shape[-1] != self.distance.dim):
+            width = None if embedding is None else embedding.shape[-1]
+            raise ModelError(
+                f"{self.bundle.path}: {distance.DISTANCE_FILE} was fitted on {self.distance.dim}-wide embeddings, "
+                f"the graph's {distance.EMBEDDING_OUTPUT!r} is {width} wide"
             )
 
     def healthy(self) -> bool:
@@ -194,23 +227,55 @@ class Classifier:
 
     def proba_of(self, encoded: Encoded) -> np.ndarray:
         """Inference only, on already tokenized texts (what `bench` measures as the ceiling)."""
-        n, chunks = encoded.texts, encoded.chunks
-        if n == 0:
-            return np.zeros((0, len(self.labels)), dtype=np.float32)
-        chunk_probs = np.empty((len(chunks), len(self.labels)), dtype=np.float32)
+        return self.infer(encoded).probs
+
+    def infer(self, encoded: Encoded) -> Inference:
+        """Probabilities and, with a Mahalanobis fit, distances: one row per text of `encoded`."""
+        probs, embeddings = self._chunk_outputs(encoded)
+        distances = None
+        if self.distance is not None and embeddings is not None:
+            distances = self._per_text(encoded, self.distance.distances(embeddings)[:, None])[:, 0]
+        return Inference(self._per_text(encoded, probs), distances)
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """The pooled embedding of each text (averaged over a long text's chunks): what a
+        Mahalanobis fit is made from. Needs the graph output `EMBEDDING_OUTPUT`."""
+        encoded = self.encode(texts)
+        _, embeddings = self._chunk_outputs(encoded)
+        if embeddings is None:
+            raise ModelError(f"{self.bundle.model_file}: graph has no {distance.EMBEDDING_OUTPUT!r} output")
+        return self._per_text(encoded, embeddings)
+
+    def _chunk_outputs(self, encoded: Encoded) -> tuple[np.ndarray, np.ndarray | None]:
+        """Probabilities (and embeddings, when the graph has them) of every chunk, in order."""
+        chunks = encoded.chunks
+        if not chunks:
+            return np.zeros((0, len(self.labels)), dtype=np.float32), None
         groups = self._spread(list(self._sub_batches(chunks)))
-        results: Iterable[np.ndarray]
+        results: Iterable[tuple[np.ndarray, np.ndarray | None]]
         if self._pool is None or len(groups) == 1:
             results = map(self._run_group, [chunks] * len(groups), groups)
         else:
             results = self._pool.map(self._run_group, [chunks] * len(groups), groups)
-        for idx, probs in zip(groups, results, strict=True):
+        chunk_probs = np.empty((len(chunks), len(self.labels)), dtype=np.float32)
+        chunk_embeddings: np.ndarray | None = None
+        for idx, (probs, embeddings) in zip(groups, results, strict=True):
             chunk_probs[idx] = probs
-        if len(chunks) == n:
-            return chunk_probs
-        sums = np.zeros((n, len(self.labels)), dtype=np.float32)
+            if embeddings is not None:
+                if chunk_embeddings is None:
+                    chunk_embeddings = np.empty((len(chunks), embeddings.shape[1]), dtype=np.float32)
+                chunk_embeddings[idx] = embeddings
+        return chunk_probs, chunk_embeddings
+
+    @staticmethod
+    def _per_text(encoded: Encoded, rows: np.ndarray) -> np.ndarray:
+        """Chunk rows averaged per text (rows as they are when no text was split)."""
+        n = encoded.texts
+        if len(rows) == n:
+            return rows
+        sums = np.zeros((n, rows.shape[1]), dtype=rows.dtype)
         owner_arr = np.asarray(encoded.owners)
-        np.add.at(sums, owner_arr, chunk_probs)
+        np.add.at(sums, owner_arr, rows)
         sums /= np.bincount(owner_arr, minlength=n)[:, None]
         return sums
 
@@ -256,10 +321,11 @@ class Classifier:
             groups.sort(key=len, reverse=True)
         return groups
 
-    def _run_group(self, chunks: list[Encoding], idx: list[int]) -> np.ndarray:
+    def _run_group(self, chunks: list[Encoding], idx: list[int]) -> tuple[np.ndarray, np.ndarray | None]:
         return self._run([chunks[i] for i in idx])
 
-    def _run(self, encs: Sequence[Encoding]) -> np.ndarray:
+    def _run(self, encs: Sequence[Encoding]) -> tuple[np.ndarray, np.ndarray | None]:
+        """Probabilities and, when the graph has that output, pooled embeddings of `encs`."""
         width = max(len(e.ids) for e in encs)
         ids = np.zeros((len(encs), width), dtype=np.int64)
         mask = np.zeros((len(encs), width), dtype=np.int64)
@@ -271,8 +337,10 @@ class Classifier:
             feeds["attention_mask"] = mask
         if "token_type_ids" in self._inputs:
             feeds["token_type_ids"] = np.zeros_like(ids)
+        wanted = [self._output] if self._embedding is None else [self._output, self._embedding]
         try:
-            (logits,) = self._session.run([self._output], feeds)
+            logits, *embedding = self._session.run(wanted, feeds)
         except Exception as e:  # onnxruntime's errors are untyped
             raise InferenceError(f"onnxruntime failed on a batch of {len(encs)}: {e}") from e
-        return softmax(np.asarray(logits, dtype=np.float32))
+        pooled = np.asarray(embedding[0], dtype=np.float32) if embedding else None
+        return softmax(np.asarray(logits, dtype=np.float32)), pooled

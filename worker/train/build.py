@@ -38,6 +38,7 @@ from worker.train.data import (
 )
 from worker.train.export import Parity, Quantization, check_parity, export, fuse, quantize
 from worker.train.finetune import FitConfig, average, fit, seed_everything
+from worker.train.mahalanobis import fit_bundle
 from worker.train.quiet import library_log, silenced
 
 log = logging.getLogger(__name__)
@@ -121,20 +122,11 @@ def train_bundle(
         routes: dict[str, Any] = {"categories": categories, "threshold": 0.0, "fallback_labels": fallback}
         _write_json(out / "routes.json", routes)
 
-        _step("choosing the fallback threshold on validation, then scoring the test split once")
+        _step("fitting the Mahalanobis score, choosing the out-of-scope rule on validation, then scoring test once")
         seed_everything(fit_cfg.seed)
+        choice, candidates, val = choose_out_of_scope_rule(out, splits, routes, oos_weight, threshold)
         bundle = load_bundle(out)
-        classifier = Classifier(bundle)
         router = Router(bundle.routes, bundle.labels, Settings())
-        val = evaluate.score(classifier, router, splits.val) if splits.val else None
-        if threshold is not None:
-            routes["threshold"] = threshold
-        else:
-            tuning = val if val is not None else evaluate.score(classifier, router, splits.train)
-            routes["threshold"] = evaluate.choose_threshold(tuning, oos_weight)
-        _write_json(out / "routes.json", routes)
-
-        bundle = load_bundle(out)
         test = evaluate.score(Classifier(bundle), router, splits.test)  # the only time test is looked at
         result = {
             "model": bundle.model_id,
@@ -157,12 +149,46 @@ def train_bundle(
                 "chosen_on": "given" if threshold is not None else "val" if val is not None else "train",
                 "oos_weight": oos_weight,
             },
-            "validation": evaluate.metrics(val, routes["threshold"]) if val is not None else None,
-            "test": evaluate.metrics(test, routes["threshold"]),
+            "out_of_scope_score": {
+                "score": choice.score,
+                "max_distance": choice.max_distance,
+                "candidates": [asdict(c) for c in candidates],
+            },
+            "validation": evaluate.metrics(val, choice.threshold, choice.max_distance) if val is not None else None,
+            "test": evaluate.metrics(test, choice.threshold, choice.max_distance),
         }
     _write_json(out / "metrics.json", result)
     (out / "README.md").write_text(model_card(result, splits, categories), encoding="utf-8")
     return result
+
+
+def choose_out_of_scope_rule(
+    out: Path, splits: Splits, routes: dict[str, Any], oos_weight: float, threshold: float | None
+) -> tuple[evaluate.Choice, list[evaluate.Choice], evaluate.Scored | None]:
+    """Fit the Mahalanobis score on the training split, then choose on validation (training data
+    when there is none) between the category threshold, the distance and both
+    (`evaluate.choose_score`), and write the rule into `out/routes.json`. A `threshold` given by
+    the caller is kept, with the category score alone. The test split is not read here."""
+    fallback = frozenset(routes["fallback_labels"])
+    fit_bundle(out, splits.train, fallback)
+    routes.update({"threshold": 0.0, "score": "category"})
+    routes.pop("max_distance", None)
+    _write_json(out / "routes.json", routes)
+    bundle = load_bundle(out)
+    classifier = Classifier(bundle)
+    router = Router(bundle.routes, bundle.labels, Settings())
+    val = evaluate.score(classifier, router, splits.val) if splits.val else None
+    if threshold is not None:
+        choice = evaluate.Choice("category", threshold, None, None)
+        candidates = [choice]
+    else:
+        tuning = val if val is not None else evaluate.score(classifier, router, splits.train)
+        choice, candidates = evaluate.choose_score(tuning, oos_weight)
+    routes.update({"score": choice.score, "threshold": choice.threshold})
+    if choice.max_distance is not None:
+        routes["max_distance"] = choice.max_distance
+    _write_json(out / "routes.json", routes)
+    return choice, candidates, val
 
 
 def _step(what: str) -> None:
@@ -209,7 +235,10 @@ def _protocol(splits: Splits, selection: str | None) -> dict[str, Any]:
     return {
         "test": f"{splits.test_from}; scored once, after every choice was made",
         "validation": splits.val_from,
-        "choices_on_validation": ["fallback threshold", "which MatMuls stay fp32 in the int8 model"],
+        "choices_on_validation": [
+            "out-of-scope score (category probability, Mahalanobis distance or both) and its threshold(s)",
+            "which MatMuls stay fp32 in the int8 model",
+        ],
         "intervals": f"95% percentile bootstrap over the examples, {evaluate.BOOTSTRAP_RESAMPLES} resamples",
         "selection": selection,
     }
@@ -260,6 +289,19 @@ def _threshold_origin(t: dict[str, Any]) -> str:
     return f"chosen on {where}, out-of-scope weight {t['oos_weight']}"
 
 
+def _score_line(rule: dict[str, Any] | None) -> str:
+    """Which out-of-scope score the bundle uses and what the others scored where it was chosen."""
+    if rule is None:
+        return "Out-of-scope score: the category probability."
+    limit = f", maximum Mahalanobis distance {rule['max_distance']:.4g}" if rule["max_distance"] is not None else ""
+    tried = "; ".join(
+        f"{c['score']} {c['weighted_accuracy']:.2%}" for c in rule["candidates"] if c["weighted_accuracy"] is not None
+    )
+    return f"Out-of-scope score: {rule['score']}{limit}" + (
+        f" (weighted routing accuracy where chosen: {tried})." if tried else "."
+    )
+
+
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.1%}"
 
@@ -277,7 +319,8 @@ def model_card(result: dict[str, Any], splits: Splits, categories: dict[str, str
     n_categories = len(set(categories.values())) or len(splits.labels)
     d, q, proto = result["data"], result["quantization"], result["protocol"]
     added = _added(d["added_to_train"]) + (", validation split included" if d.get("val_in_training") else "")
-    rows = "\n".join(f"| {label} | {_figure(v, key)} | {_figure(t, key)} |" for key, label in evaluate.HEADLINE)
+    headline = [*evaluate.HEADLINE, *evaluate.detection_rows(t)]
+    rows = "\n".join(f"| {label} | {_figure(v, key)} | {_figure(t, key)} |" for key, label in headline)
     kept = (
         f"{len(q['kept_fp32'])} MatMuls left in fp32 to reach that: {', '.join(q['kept_fp32'])}"
         if q["kept_fp32"]
@@ -303,6 +346,7 @@ Validation: {d["val"]} examples; test: {t["examples"]} examples ({t["in_scope"]}
 {rows}
 
 Fallback threshold: {result["threshold"]["value"]} ({_threshold_origin(result["threshold"])}).
+{_score_line(result.get("out_of_scope_score"))}
 Classifier items/s on this machine while scoring test: {t["items_per_s"]:.0f}.
 
 ## Protocol
