@@ -347,6 +347,16 @@ def stage_quantiles(
     return out
 
 
+def _commit_count(metrics_text: str) -> float:
+    """Transactions (or offset commits) so far: `classify_commit_seconds_count`."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(metrics_text):
+        if family.name == "classify_commit_seconds":
+            return sum(s.value for s in family.samples if s.name.endswith("_count"))
+    return 0.0
+
+
 def _scrape(port: str) -> str:
     import urllib.request
 
@@ -404,7 +414,9 @@ def _latency_at(
         producer.join()
         timer.join()
         cpu_after, wall = _cpu_snapshot(proc.pid, broker.pid), time.monotonic() - warm["at"]
-        stages = stage_quantiles(_scrape(env["CW_METRICS__PORT"]), since=warm["metrics"])
+        final_metrics = _scrape(env["CW_METRICS__PORT"])
+        stages = stage_quantiles(final_metrics, since=warm["metrics"])
+        commits = _commit_count(final_metrics) - _commit_count(warm["metrics"])
     cpu_before = warm["cpu"]
     spent = {k: None if v is None or cpu_after[k] is None else cpu_after[k] - v for k, v in cpu_before.items()}
     measured_from = load_started + warmup_s
@@ -425,6 +437,7 @@ def _latency_at(
         **{f"produced_p{q}_ms": float(np.percentile(routed, q)) for q in (50, 95, 99)},
         "cores_used": {k: None if v is None else v / wall for k, v in spent.items()},
         "worker_items_per_cpu_s": len(mine) / worker_cpu if worker_cpu else None,
+        "commits_per_s": commits / wall,
         # the worker's stages up to its commit, then (the reader's view) its produce to visible
         "stages": {
             **stages,
@@ -572,7 +585,8 @@ def _latency_line(mode: str, point: dict[str, Any]) -> str:
     return (
         f"{mode} {point['rate_per_s']:.0f}/s: p50/p99 {point['p50_ms']:.0f}/{point['p99_ms']:.0f} ms "
         f"(received {point['received']}/{point['messages']}); stages p50/p99 ms: {stages}; "
-        f"cores worker {cores['worker'] or 0:.2f} broker {cores['broker'] or 0:.2f}"
+        f"cores worker {cores['worker'] or 0:.2f} broker {cores['broker'] or 0:.2f}; "
+        f"commits/s {point['commits_per_s']:.0f}"
     )
 
 

@@ -10,13 +10,17 @@ from __future__ import annotations
 
 class BatchSizer:
     """About `target_s` of classifier time per batch at the measured cost per message (an
-    exponentially weighted mean of each call's seconds per message), doubling while batches come
+    exponentially weighted mean of the seconds per message of calls of `MIN_MEASURED` or more),
+    doubling while batches come
     out full, up to `max_items`; back to the target once one does not. `target_s` 0: the count
     cap alone."""
 
     #: Weight of the newest call in the mean: a few calls follow a change of traffic (queries to
     #: documents), one slow call (a core taken away) moves it little.
     SMOOTHING = 0.2
+    #: Calls smaller than this are not measured: a call's fixed cost (a few ms) dominates a
+    #: handful of messages, and their mean would cap a backlog's batches at a handful too.
+    MIN_MEASURED = 16
 
     def __init__(self, target_s: float, max_items: int) -> None:
         self._target_s = target_s
@@ -40,7 +44,7 @@ class BatchSizer:
 
     def classified(self, items: int, seconds: float) -> None:
         """A classifier call of `items` messages took `seconds`."""
-        if items <= 0 or seconds <= 0:
+        if items < self.MIN_MEASURED or seconds <= 0:
             return
         per_item = seconds / items
         if self._per_item_s is None:

@@ -32,9 +32,17 @@ def test_full_batches_double_the_bound_up_to_the_count_cap_and_one_short_batch_r
     assert sizer.limit() == 12
 
 
+def test_small_calls_do_not_set_the_cost_their_fixed_overhead_dominates() -> None:
+    sizer = BatchSizer(0.025, 256)
+    sizer.classified(2, 0.012)  # 6 ms per message in a call of two: mostly the call's own cost
+    assert sizer.limit() == 256
+    sizer.classified(64, 0.064)
+    assert sizer.limit() == 25
+
+
 def test_target_zero_leaves_the_count_cap_alone() -> None:
     sizer = BatchSizer(0.0, 64)
-    sizer.classified(10, 1.0)
+    sizer.classified(100, 1.0)
     assert sizer.limit() == 64
 
 
