@@ -306,18 +306,35 @@ def _cpu_snapshot(worker_pid: int, broker_pid: int | None) -> dict[str, float | 
     }
 
 
-def _stage_buckets(metrics_text: str) -> dict[str, dict[float, float]]:
-    """`classify_stage_seconds` cumulative bucket counts: {stage: {le: count}}."""
+def _samples(metrics_text: str, family_name: str) -> list[Any]:
+    """The samples of one metric family in a `/metrics` scrape (none when it is absent)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    buckets: dict[str, dict[float, float]] = {}
     for family in text_string_to_metric_families(metrics_text):
-        if family.name != "classify_stage_seconds":
-            continue
-        for sample in family.samples:
-            if sample.name.endswith("_bucket"):
-                buckets.setdefault(sample.labels["stage"], {})[float(sample.labels["le"])] = sample.value
+        if family.name == family_name:
+            return list(family.samples)
+    return []
+
+
+def _stage_buckets(metrics_text: str) -> dict[str, dict[float, float]]:
+    """`classify_stage_seconds` cumulative bucket counts: {stage: {le: count}}."""
+    buckets: dict[str, dict[float, float]] = {}
+    for sample in _samples(metrics_text, "classify_stage_seconds"):
+        if sample.name.endswith("_bucket"):
+            buckets.setdefault(sample.labels["stage"], {})[float(sample.labels["le"])] = sample.value
     return buckets
+
+
+def _bucket_quantile(cumulative: list[tuple[float, float]], q: float) -> float:
+    """The q-quantile (s) of sorted cumulative (le, count) buckets, interpolated inside its bucket."""
+    rank, lower_le, lower_count = q * cumulative[-1][1], 0.0, 0.0
+    for le, count in cumulative:
+        if count >= rank:
+            upper = le if le != float("inf") else lower_le
+            share = (rank - lower_count) / (count - lower_count) if count > lower_count else 1.0
+            return lower_le + (upper - lower_le) * share
+        lower_le, lower_count = le, count
+    return lower_le
 
 
 def stage_quantiles(
@@ -330,31 +347,18 @@ def stage_quantiles(
     out: dict[str, dict[str, float]] = {}
     for stage, counts in _stage_buckets(metrics_text).items():
         cumulative = sorted((le, n - before.get(stage, {}).get(le, 0.0)) for le, n in counts.items())
-        total = cumulative[-1][1]
-        if total <= 0:
-            continue
-        figures = {}
-        for q in quantiles:
-            rank, lower_le, lower_count = q * total, 0.0, 0.0
-            for le, count in cumulative:
-                if count >= rank:
-                    upper = le if le != float("inf") else lower_le
-                    share = (rank - lower_count) / (count - lower_count) if count > lower_count else 1.0
-                    figures[f"p{round(q * 100)}_ms"] = 1000 * (lower_le + (upper - lower_le) * share)
-                    break
-                lower_le, lower_count = le, count
-        out[stage] = figures
+        if cumulative[-1][1] > 0:
+            out[stage] = {f"p{round(q * 100)}_ms": 1000 * _bucket_quantile(cumulative, q) for q in quantiles}
     return out
 
 
 def _commit_count(metrics_text: str) -> float:
     """Transactions (or offset commits) so far: `classify_commit_seconds_count`."""
-    from prometheus_client.parser import text_string_to_metric_families
+    return float(sum(s.value for s in _samples(metrics_text, "classify_commit_seconds") if s.name.endswith("_count")))
 
-    for family in text_string_to_metric_families(metrics_text):
-        if family.name == "classify_commit_seconds":
-            return sum(s.value for s in family.samples if s.name.endswith("_count"))
-    return 0.0
+
+def _stages_text(stages: dict[str, dict[str, float]], separator: str = " ") -> str:
+    return separator.join(f"{k} {v['p50_ms']:.0f}/{v['p99_ms']:.0f}" for k, v in stages.items())
 
 
 def _scrape(port: str) -> str:
@@ -580,7 +584,7 @@ def run_latency(
 
 
 def _latency_line(mode: str, point: dict[str, Any]) -> str:
-    stages = " ".join(f"{k} {v['p50_ms']:.0f}/{v['p99_ms']:.0f}" for k, v in point["stages"].items())
+    stages = _stages_text(point["stages"])
     cores = point["cores_used"]
     return (
         f"{mode} {point['rate_per_s']:.0f}/s: p50/p99 {point['p50_ms']:.0f}/{point['p99_ms']:.0f} ms "
@@ -645,8 +649,7 @@ def summary_table(r: Results) -> Table:
             lat = f["latency"][mode].get(frac)
             if lat is None or "stages" not in lat:
                 continue
-            stages = " · ".join(f"{k} {v['p50_ms']:.0f}/{v['p99_ms']:.0f}" for k, v in lat["stages"].items())
-            t.add_row(f"{mode}, {float(frac):.0%} load: per stage, p50/p99 ms", stages, "")
+            t.add_row(f"{mode}, {float(frac):.0%} load: per stage, p50/p99 ms", _stages_text(lat["stages"], " · "), "")
     cores = f["latency"]["exactly_once"].get("0.5", {}).get("cores_used", {})
     if cores and None not in cores.values():
         t.add_row(

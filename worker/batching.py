@@ -11,9 +11,8 @@ from __future__ import annotations
 class BatchSizer:
     """About `target_s` of classifier time per batch at the measured cost per message (an
     exponentially weighted mean of the seconds per message of calls of `MIN_MEASURED` or more),
-    doubling while batches come
-    out full, up to `max_items`; back to the target once one does not. `target_s` 0: the count
-    cap alone."""
+    doubling while batches come out full, up to `max_items`; back to the target once one does
+    not. `target_s` 0: the count cap alone."""
 
     #: Weight of the newest call in the mean: a few calls follow a change of traffic (queries to
     #: documents), one slow call (a core taken away) moves it little.
