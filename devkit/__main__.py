@@ -40,6 +40,9 @@ def sample_traffic(
         log.info("sample traffic sent", extra={"messages": sent, "topic": settings.topics.input})
 
 
+BROKER_ON_DISK_HELP = "Keep the local broker's log on disk, not on a tmpfs (see devkit.bench._broker_dir)."
+
+
 @app.command()
 def bench(
     data: Annotated[
@@ -55,6 +58,7 @@ def bench(
     vcpu_hour_usd: Annotated[
         float, typer.Option(help="On-demand price of one vCPU-hour (default: AWS c7i.large, us-east-1, Linux).")
     ] = DEFAULT_VCPU_HOUR_USD,
+    broker_on_disk: Annotated[bool, typer.Option(help=BROKER_ON_DISK_HELP)] = False,
 ) -> None:
     """Model-only vs worker end to end vs transformers pipeline, latency under load, cost."""
     with _errors():
@@ -62,7 +66,7 @@ def bench(
         from worker.observability import configure_logging
 
         configure_logging("WARNING")
-        run_bench(data, out, baseline_model, latency_seconds, vcpu_hour_usd)
+        run_bench(data, out, baseline_model, latency_seconds, vcpu_hour_usd, broker_on_disk=broker_on_disk)
 
 
 @app.command()
@@ -74,6 +78,7 @@ def latency(
     env: Annotated[list[str], typer.Option(help="Worker setting as CW_NAME=value (repeatable).")] = [],  # noqa: B006
     out: Annotated[Path | None, typer.Option(help="Write the figures here as JSON.")] = None,
     pin: Annotated[bool, typer.Option(help="Broker on a core of its own, the worker on the others.")] = False,
+    broker_on_disk: Annotated[bool, typer.Option(help=BROKER_ON_DISK_HELP)] = False,
 ) -> None:
     """Latency only, at given rates, with per-stage figures: compare one worker setting quickly."""
     with _errors():
@@ -86,7 +91,7 @@ def latency(
 
         configure_logging("WARNING")
         overrides = dict(item.split("=", 1) for item in env)
-        figures = run_latency(data, rate, mode, seconds, overrides, Console(), pin)
+        figures = run_latency(data, rate, mode, seconds, overrides, Console(), pin, broker_on_disk)
         if out is not None:
             out.write_text(json.dumps(figures, indent=2))
 

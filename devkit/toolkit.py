@@ -24,7 +24,9 @@ from worker.records import Headers
 #: key, value, headers: what a producer sends, in the order tests and demos build them.
 Outbound = tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]
 
-#: A reader's fetch wait: librdkafka's 500 ms default would add up to that to every `seen_at`.
+#: A reader's fetch wait. Tansu holds a fetch for the whole wait, so librdkafka's 500 ms default
+#: would add up to that to every `seen_at`; Apache Kafka answers as soon as records or a commit
+#: marker arrive (the bench's Kafka reader uses 500: `devkit.bench.KAFKA_READER_FETCH_WAIT_MS`).
 READER_FETCH_WAIT_MS = 10
 
 
