@@ -124,6 +124,6 @@ def test_sasl_password_is_secret(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_consumer_fetch_defaults_and_commit_interval_are_overridable() -> None:
     defaults = load_settings()
     assert defaults.librdkafka_consumer()["fetch.wait.max.ms"] == 100
-    assert (defaults.commit.interval_ms, defaults.commit.max_items) == (100, 2000)
+    assert (defaults.commit.interval_ms, defaults.commit.max_items) == (50, 2000)
     tuned = load_settings(kafka={"consumer_config": {"fetch.wait.max.ms": 10}}, commit={"interval_ms": 20})
     assert tuned.librdkafka_consumer()["fetch.wait.max.ms"] == 10 and tuned.commit.interval_ms == 20
